@@ -4,10 +4,12 @@ from typing import Any, Callable
 
 import optax
 
+from mlorc_optax import matrix_view as mv
 from mlorc_optax import transform
 
-# Keyword arguments of the MLorc transforms that the aliases pass through.
-_MLORC_KWARGS = ('compress', 'min_dim_size', 'oversample', 'power_iters', 'factor_dtype', 'seed')
+# Arguments that fix array shapes or are callables: under optax.inject_hyperparams
+# they must be static, e.g. `inject_hyperparams(mlorc.adamw, static_args=STATIC_ARGS)`.
+STATIC_ARGS = ('rank', 'compress', 'min_dim_size', 'oversample', 'power_iters')
 
 
 def adam(
@@ -19,7 +21,12 @@ def adam(
     eps_root: float = 0.0,
     *,
     nesterov: bool = False,
-    **mlorc_kwargs: Any,
+    compress: mv.CompressArg = None,
+    min_dim_size: int = 128,
+    oversample: int = 0,
+    power_iters: int = 1,
+    factor_dtype: Any = 'float32',
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-Adam: `optax.adam` with rank-`rank` moments.
 
@@ -32,12 +39,12 @@ def adam(
   Args:
     learning_rate: a float or an optax schedule.
     rank, b1, b2, eps, eps_root, nesterov: see `scale_by_adam`.
-    **mlorc_kwargs: compress, min_dim_size, oversample, power_iters,
-      factor_dtype, seed (see `compress_moments`).
+    compress, min_dim_size, oversample, power_iters, factor_dtype, seed: see
+      `compress_moments`.
   """
   return optax.chain(
       transform.scale_by_adam(
-          rank, b1, b2, eps, eps_root, nesterov=nesterov, **_checked(mlorc_kwargs)
+          rank, b1, b2, eps, eps_root, nesterov=nesterov, **_options(locals())
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -54,7 +61,12 @@ def adamw(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     nesterov: bool = False,
-    **mlorc_kwargs: Any,
+    compress: mv.CompressArg = None,
+    min_dim_size: int = 128,
+    oversample: int = 0,
+    power_iters: int = 1,
+    factor_dtype: Any = 'float32',
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-AdamW: `optax.adamw` (decoupled weight decay) with rank-`rank` moments.
 
@@ -68,11 +80,11 @@ def adamw(
     learning_rate: a float or an optax schedule.
     rank, b1, b2, eps, eps_root, nesterov: see `scale_by_adam`.
     weight_decay, mask: as in `optax.adamw`.
-    **mlorc_kwargs: see `adam`.
+    compress, ..., seed: see `compress_moments`.
   """
   return optax.chain(
       transform.scale_by_adam(
-          rank, b1, b2, eps, eps_root, nesterov=nesterov, **_checked(mlorc_kwargs)
+          rank, b1, b2, eps, eps_root, nesterov=nesterov, **_options(locals())
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -86,7 +98,13 @@ def lion(
     b2: float = 0.99,
     weight_decay: float = 1e-3,
     mask: Any | Callable[[optax.Params], Any] | None = None,
-    **mlorc_kwargs: Any,
+    *,
+    compress: mv.CompressArg = None,
+    min_dim_size: int = 128,
+    oversample: int = 0,
+    power_iters: int = 0,
+    factor_dtype: Any = 'float32',
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-Lion: `optax.lion` with a rank-`rank` momentum.
 
@@ -100,20 +118,15 @@ def lion(
     learning_rate: a float or an optax schedule.
     rank, b1, b2: see `scale_by_lion`.
     weight_decay, mask: as in `optax.lion`.
-    **mlorc_kwargs: see `adam`.
+    compress, ..., seed: see `compress_moments`.
   """
   return optax.chain(
-      transform.scale_by_lion(rank, b1, b2, **_checked(mlorc_kwargs)),
+      transform.scale_by_lion(rank, b1, b2, **_options(locals())),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def _checked(kwargs: dict[str, Any]) -> dict[str, Any]:
-  unknown = set(kwargs) - set(_MLORC_KWARGS)
-  if unknown:
-    raise TypeError(
-        f'Unknown keyword arguments {sorted(unknown)}; the MLorc options are '
-        f'{list(_MLORC_KWARGS)}.'
-    )
-  return kwargs
+def _options(arguments: dict[str, Any]) -> dict[str, Any]:
+  names = ('compress', 'min_dim_size', 'oversample', 'power_iters', 'factor_dtype', 'seed')
+  return {name: arguments[name] for name in names}

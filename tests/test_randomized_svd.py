@@ -1,0 +1,121 @@
+"""randomized_svd against an exact truncated SVD, and its numerical safety."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlorc_optax as mlorc
+
+
+def _decaying(m, n, decay, seed=0):
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.normal(size=(m, n)))
+  v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  s = decay ** np.arange(n)
+  return (u * s) @ v.T, s
+
+
+@pytest.mark.parametrize(
+    'oversample,power_iters,factor,s_rtol',
+    [(0, 1, 1.5, 0.05), (5, 1, 1.01, 1e-3), (5, 2, 1.001, 1e-5)],
+)
+def test_error_within_small_factor_of_optimal_float64(oversample, power_iters, factor, s_rtol):
+  a, s = _decaying(300, 160, 0.8)
+  rank = 6
+  with jax.enable_x64(True):
+    f = mlorc.randomized_svd(
+        jnp.asarray(a), rank, jax.random.key(1), oversample=oversample, power_iters=power_iters
+    )
+    assert f.u.dtype == jnp.float64
+    approx = np.asarray(mlorc.reconstruct(f))
+  optimal = s[rank]  # spectral error of the exact truncated SVD (Eckart-Young)
+  assert np.linalg.norm(a - approx, 2) <= factor * optimal
+  exact = np.linalg.svd(a, compute_uv=False)[:rank]
+  # Without oversampling only the leading singular values are sharp.
+  top = rank // 2 if oversample == 0 else rank
+  np.testing.assert_allclose(np.asarray(f.s)[:top], exact[:top], rtol=s_rtol)
+  np.testing.assert_allclose(np.asarray(f.u).T @ np.asarray(f.u), np.eye(rank), atol=1e-10)
+  np.testing.assert_allclose(np.asarray(f.v).T @ np.asarray(f.v), np.eye(rank), atol=1e-10)
+
+
+def test_full_rank_is_exact():
+  a, _ = _decaying(20, 12, 0.5)
+  f = mlorc.randomized_svd(jnp.asarray(a, jnp.float32), 50, jax.random.key(0))
+  assert f.u.shape == (20, 12) and f.s.shape == (12,) and f.v.shape == (12, 12)
+  np.testing.assert_allclose(np.asarray(mlorc.reconstruct(f)), a, atol=1e-5)
+
+
+def test_low_rank_matrix_is_recovered_exactly():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(64, 2)) @ rng.normal(size=(2, 48))
+  f = mlorc.randomized_svd(jnp.asarray(a, jnp.float32), 4, jax.random.key(3))
+  np.testing.assert_allclose(np.asarray(mlorc.reconstruct(f)), a, atol=1e-4)
+  assert float(f.s[2]) == 0.0 and float(f.s[3]) == 0.0  # no invented directions
+  assert np.all(np.isfinite(np.asarray(f.u))) and np.all(np.isfinite(np.asarray(f.v)))
+
+
+def test_zero_matrix_gives_zero_factors():
+  f = mlorc.randomized_svd(jnp.zeros((40, 30)), 4, jax.random.key(0))
+  for x in f:
+    assert np.all(np.asarray(x) == 0.0)
+
+
+@pytest.mark.parametrize('scale', [1e30, 1e-30])
+def test_extreme_magnitudes_stay_finite_and_accurate(scale):
+  rng = np.random.default_rng(1)
+  a = (rng.normal(size=(50, 3)) @ rng.normal(size=(3, 40))).astype(np.float32)
+  f = mlorc.randomized_svd(jnp.asarray(a) * scale, 4, jax.random.key(0))
+  for x in f:
+    assert np.all(np.isfinite(np.asarray(x)))
+  rebuilt = np.asarray(f.u * (f.s / scale)) @ np.asarray(f.v).T
+  np.testing.assert_allclose(rebuilt, a, atol=1e-4 * np.abs(a).max())
+
+
+def test_batched_half_precision_is_factored_in_float32_near_optimal():
+  rng = np.random.default_rng(2)
+  a = jnp.asarray(rng.normal(size=(3, 30, 3)) @ rng.normal(size=(3, 3, 20)), jnp.bfloat16)
+  f = mlorc.randomized_svd(a, 3, jax.random.key(0), oversample=2)
+  assert f.u.shape == (3, 30, 3) and f.s.shape == (3, 3) and f.v.shape == (3, 20, 3)
+  assert f.u.dtype == jnp.float32
+  exact = np.asarray(a, np.float64)
+  for i in range(3):  # each matrix of the batch against its own truncated SVD
+    s = np.linalg.svd(exact[i], compute_uv=False)
+    error = np.linalg.norm(exact[i] - np.asarray(mlorc.reconstruct(f))[i])
+    assert error <= 1.5 * np.sqrt(np.sum(s[3:] ** 2)) + 1e-6
+
+
+def test_different_keys_give_different_sketches_and_same_key_reproduces():
+  a, _ = _decaying(60, 40, 0.95)
+  a = jnp.asarray(a, jnp.float32)
+  f1 = mlorc.randomized_svd(a, 4, jax.random.key(0), power_iters=0)
+  f2 = mlorc.randomized_svd(a, 4, jax.random.key(0), power_iters=0)
+  f3 = mlorc.randomized_svd(a, 4, jax.random.key(1), power_iters=0)
+  np.testing.assert_array_equal(np.asarray(mlorc.reconstruct(f1)), np.asarray(mlorc.reconstruct(f2)))
+  assert not np.allclose(np.asarray(mlorc.reconstruct(f1)), np.asarray(mlorc.reconstruct(f3)))
+
+
+def test_jit_compiles():
+  a = jnp.ones((16, 8))
+  f = jax.jit(mlorc.randomized_svd, static_argnums=1)(a, 2, jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(mlorc.reconstruct(f)), np.ones((16, 8)), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(rank=0), 'rank'),
+        (dict(rank=2.5), 'rank'),
+        (dict(rank=True), 'rank'),
+        (dict(rank=2, oversample=-1), 'oversample'),
+        (dict(rank=2, power_iters=-1), 'power_iters'),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    mlorc.randomized_svd(jnp.ones((8, 8)), key=jax.random.key(0), **kwargs)
+
+
+def test_vector_input_is_rejected():
+  with pytest.raises(ValueError, match='`a`'):
+    mlorc.randomized_svd(jnp.ones(8), 2, jax.random.key(0))
