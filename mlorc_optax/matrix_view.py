@@ -93,8 +93,8 @@ def resolve_views(
     params: parameters (or updates, or shape structs).
     compress: None for `default_view` on every leaf; a tree with the structure
       of `params` (or a prefix of it) whose entries are `MatrixView`, True for
-      the default `MatrixView()`, or False/None; or a callable mapping
-      `params` to such a tree.
+      the default `MatrixView()` on every leaf of 2 or more axes, or
+      False/None; or a callable mapping `params` to such a tree.
     rank: the compression rank.
     min_dim_size: the `default_view` threshold.
   """
@@ -102,8 +102,8 @@ def resolve_views(
     shape = tuple(jnp.shape(leaf))
     if spec is None and compress is None:
       spec = default_view(shape, rank, min_dim_size)
-    if spec is True:
-      spec = MatrixView()
+    if spec is True:  # "compress if it is a matrix", also as a tree prefix
+      spec = MatrixView() if len(shape) >= 2 else None
     if spec is None or spec is False:
       return None
     if not isinstance(spec, MatrixView):
