@@ -10,11 +10,13 @@ Per compressed parameter and step (arXiv 2506.01897):
 
 The update of a step uses the fresh full moments; only their factors survive.
 
-Memory: the inner update runs one parameter at a time, each behind an
-optimisation barrier that waits for the previous parameter's results, and
-over the batch axes of a parameter (scanned layers) with `jax.lax.map`. So the
-full-size moments that exist at any moment belong to one matrix, never to
-the whole model, as they would if XLA were free to schedule every leaf at once.
+Memory: the inner update runs one parameter at a time, and over the batch
+axes of a parameter (scanned layers) with `jax.lax.map`. Each parameter's
+inputs carry a data dependency on the previous parameter's results (`_after`),
+so the full-size moments alive at any moment belong to one matrix, never to
+the whole model. An optimisation barrier is not enough: XLA:CPU expands it
+before its concurrency-first scheduler, which then starts every parameter's
+reconstruction at once.
 """
 
 from typing import Any, Callable, NamedTuple, Sequence
@@ -270,11 +272,11 @@ def compress_moments(
     for i, (g, p, view) in enumerate(zip(g_leaves, p_leaves, views)):
       leaf_moments = [m[i] for m in moments]
       _check_leaf(g, leaf_moments, view, rank)
-      inputs = (g, p, leaf_moments)
-      if results:  # wait for the previous parameter before starting this one
-        results[-1], inputs = jax.lax.optimization_barrier((results[-1], inputs))
+      if results:  # wait for the previous parameter's new moments (not its
+        # update: reading that would keep it in a temporary buffer)
+        g, leaf_moments = _after(results[-1][1], (g, leaf_moments))
       results.append(update_leaf(
-          layout, entries, *inputs, view, [d[i] for d in dtypes],
+          layout, entries, g, p, leaf_moments, view, [d[i] for d in dtypes],
           jax.random.fold_in(key, i), extra_args,
       ))
 
@@ -291,6 +293,24 @@ def compress_moments(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_float(x: Any) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _after(done: Any, tree: Any) -> Any:
+  """`tree`, unchanged in value, but computed only once `done` is.
+
+  Adds to every float array of `tree` a zero read from one entry of every
+  array of `done`; a non-finite entry there reads as zero, so nothing leaks.
+  """
+  probe = sum(
+      x.reshape(-1)[0].astype(jnp.float32)
+      for x in jax.tree.leaves(done) if x.size and _is_float(x)
+  )
+  zero = jnp.where(jnp.isfinite(probe), probe, 0.0) * 0.0
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if _is_float(x) else x, tree)
 
 
 def _leaves_matching(params_def, moment_tree) -> list[Any]:
