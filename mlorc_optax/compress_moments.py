@@ -93,12 +93,32 @@ class _Layout(NamedTuple):
     return self.treedef.unflatten(entries)
 
 
-def repair_nonnegative(x: jax.Array) -> jax.Array:
-  """Replaces negative entries by the mean of their magnitudes (SPEC step 2)."""
+def _negative_sum_and_count(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   negative = x < 0
-  count = jnp.sum(negative)
-  fill = jnp.sum(jnp.where(negative, -x, 0)) / jnp.maximum(count, 1)
-  return jnp.where(negative, fill.astype(x.dtype), x)
+  return jnp.sum(jnp.where(negative, -x, 0)), jnp.sum(negative)
+
+
+def repair_nonnegative(x: jax.Array, fill: jax.Array | None = None) -> jax.Array:
+  """Replaces negative entries by the mean of their magnitudes (SPEC step 2)."""
+  if fill is None:
+    total, count = _negative_sum_and_count(x)
+    fill = total / jnp.maximum(count, 1)
+  return jnp.where(x < 0, fill.astype(x.dtype), x)
+
+
+def _negative_fill(f: LowRankFactors) -> jax.Array:
+  """`repair_nonnegative`'s fill for reconstruct(f), a block of rows at a time.
+
+  Done apart from the update, so that the reconstruction is never stored: the
+  update then rebuilds it inside its own fused loop.
+  """
+  m = f.u.shape[0]
+  blocks = max(d for d in range(1, 9) if m % d == 0)
+  totals, counts = jax.lax.map(
+      lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u))),
+      f.u.reshape(blocks, m // blocks, -1),
+  )
+  return jnp.sum(totals) / jnp.maximum(jnp.sum(counts), 1)
 
 
 def _check_rank_static(rank, oversample, power_iters, min_dim_size):
@@ -220,7 +240,7 @@ def compress_moments(
       full = []
       for f, dtype, positive in zip(factors, dtypes, layout.nonnegative):
         x = reconstruct(f)
-        full.append((repair_nonnegative(x) if positive else x).astype(dtype))
+        full.append((repair_nonnegative(x, _negative_fill(f)) if positive else x).astype(dtype))
       u, new_moments, others = step(g, p, full)
       key_b = jax.random.fold_in(key, b)
       new_factors = [

@@ -32,10 +32,21 @@ class LowRankFactors(NamedTuple):
   v: jax.Array
 
 
+# Up to this rank the product is written as r outer products, which XLA fuses
+# into the consumer instead of giving a matmul's (m, n) output its own buffer.
+_FUSED_RECONSTRUCT_MAX_RANK = 16
+
+
 def reconstruct(factors: LowRankFactors) -> jax.Array:
   """Returns the dense matrix ``u @ diag(s) @ v.T`` of shape (..., m, n)."""
   u, s, v = factors
-  return jnp.matmul(u * s[..., None, :], jnp.swapaxes(v, -1, -2))
+  us = u * s[..., None, :]
+  if u.shape[-1] > _FUSED_RECONSTRUCT_MAX_RANK:
+    return jnp.matmul(us, jnp.swapaxes(v, -1, -2))
+  out = jnp.zeros(u.shape[:-1] + v.shape[-2:-1], u.dtype)
+  for k in range(u.shape[-1]):
+    out = out + us[..., :, k, None] * v[..., None, :, k]
+  return out
 
 
 def _gram(a: jax.Array) -> jax.Array:
