@@ -335,14 +335,24 @@ def _after(done: Any, tree: Any) -> Any:
 
 def _leaves_matching(params_def, moment_tree) -> list[Any]:
   """The moment tree's entries (arrays or factors) in the parameters' order."""
-  got = jax.tree.structure(moment_tree, is_leaf=_is_factors)
-  if got != params_def:
+  try:
+    entries = params_def.flatten_up_to(moment_tree)
+    return [_as_moment(x) for x in entries]
+  except (ValueError, TypeError, KeyError) as e:
     raise ValueError(
         f'`updates` do not match the optimizer state: the updates have tree '
-        f'structure {params_def}, the state was initialised for {got}. Call '
-        'init with parameters of the same structure as the updates.'
-    )
-  return jax.tree.leaves(moment_tree, is_leaf=_is_factors)
+        f'structure {params_def}, which the state, initialised for '
+        f'{jax.tree.structure(moment_tree, is_leaf=_is_factors)}, does not '
+        'have. Call init with parameters of the same structure as the updates.'
+    ) from e
+
+
+def _as_moment(x: Any) -> Any:
+  """A full moment, or its factors; Flax NNX's Optimizer stores a factor
+  triple as a State with keys 'u', 's', 'v', which reads back here."""
+  if hasattr(x, 'shape') or _is_factors(x):
+    return x
+  return LowRankFactors(u=x['u'], s=x['s'], v=x['v'])
 
 
 def _check_leaf(g, moments, view, rank) -> None:

@@ -1,0 +1,76 @@
+"""Writes README's Performance section from the files in benchmarks/results/.
+
+  python benchmarks/report.py     # rewrites the part of README.md between the markers
+"""
+
+import glob
+import json
+import os
+import sys
+
+import common
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+START, END = '<!-- performance:start -->', '<!-- performance:end -->'
+
+
+def load(pattern):
+  """The result records matching `pattern`, each with the name of its file."""
+  records = []
+  for path in sorted(glob.glob(os.path.join(common.RESULTS, pattern))):
+    records.append(dict(json.load(open(path)), file=os.path.basename(path)))
+  return records
+
+
+def section() -> str:
+  parts = []
+  for r in load('state_memory_*.json'):
+    parts += [
+        f"**Optimizer state, Llama-2-7B shapes** ({r['params']:.3g} float32 parameters, "
+        f"`python benchmarks/state_memory.py`, {r['device']}). MLorc-AdamW's state is "
+        f"{r['mlorc_adamw_over_theory']:.4f}x the theoretical 2r(m+n+1) numbers per compressed "
+        'matrix plus full moments for vectors.', '',
+        common.table(r['rows']), '',
+    ]
+  for r in load('update_memory_*.json'):
+    names = ['optax.adamw', 'mlorc.adamw', 'mlorc.lion', 'galore']
+    parts += [
+        f"**Transient memory of the compiled update** (`temp_size_in_bytes`, state donated, "
+        f"`python benchmarks/update_memory.py`, {r['device']}): a d=512 transformer with a "
+        '4096-token embedding; `x_largest` is the temp over the largest matrix (8 MiB).', '',
+        common.table(r['rows'], ['layers', 'params_MiB'] + [f'{n} temp_MiB' for n in names]
+                     + [f'{n} x_largest' for n in names]), '',
+        'Temp over matrix size, one (d, 4d) matrix:', '', common.table(r['sizes']), '',
+    ]
+  for r in load('update_speed_*.json'):
+    parts += [
+        f"**Update step time** (median of {r['rounds']} interleaved rounds, "
+        f"`python benchmarks/update_speed.py`, {r['device']}): 4 layers, d=512, vocab 4096, "
+        'rank 4. Ratios come from one run; the CPU is shared and noisy.', '',
+        common.table(r['rows']), '',
+        'How the cost grows:', '', common.table(r['scaling']), '',
+    ]
+  for r in load('finetune_lm_[!q]*.json'):
+    c = r['config']
+    parts += [
+        f"**Fine-tuning** (`python examples/finetune_lm.py`, {r['device']}): char transformer "
+        f"d={c['d']}, {c['layers']} layers, pretrained {c['pretrain_steps']} steps on the Python "
+        f"language reference, fine-tuned {c['finetune_steps']} steps on stdlib docstrings; "
+        f"held-out loss before fine-tuning {r['held_out_before']:.4f}.", '',
+        common.table(r['rows']), '',
+        f"![fine-tuning loss curves](benchmarks/results/{r['file'][:-len('.json')]}.png)", '',
+    ]
+  return '\n'.join(parts).strip()
+
+
+def main():
+  path = os.path.join(ROOT, 'README.md')
+  text = open(path).read()
+  head, rest = text.split(START)
+  _, tail = rest.split(END)
+  open(path, 'w').write(f'{head}{START}\n{section()}\n{END}{tail}')
+  print('updated', path)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
