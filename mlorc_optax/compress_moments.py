@@ -114,9 +114,11 @@ def _negative_fill(f: LowRankFactors) -> jax.Array:
   """
   m = f.u.shape[0]
   blocks = max(d for d in range(1, 9) if m % d == 0)
+  # Interleaved blocks (rows i, i + blocks, ...) leave a row sharding on the
+  # block's own rows, not on the mapped axis, which lax.map would refuse.
+  interleaved = jnp.swapaxes(f.u.reshape(m // blocks, blocks, -1), 0, 1)
   totals, counts = jax.lax.map(
-      lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u))),
-      f.u.reshape(blocks, m // blocks, -1),
+      lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u))), interleaved
   )
   return jnp.sum(totals) / jnp.maximum(jnp.sum(counts), 1)
 
@@ -319,15 +321,16 @@ def _is_float(x: Any) -> bool:
   return jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _after(done: Any, tree: Any) -> Any:
-  """`tree`, unchanged in value, but computed only once `done` is.
+def _after(done: Sequence[Any], tree: Any) -> Any:
+  """`tree`, unchanged in value, but computed only once the moments `done` are.
 
-  Adds to every float array of `tree` a zero read from one entry of every
-  array of `done`; a non-finite entry there reads as zero, so nothing leaks.
+  Adds to every float array of `tree` a zero read from each new moment: the
+  singular values of factors (computed last, tiny and replicated, so this
+  also holds under sharding), or the sum of a full moment. A non-finite read
+  counts as zero, so nothing leaks from one parameter into the next.
   """
   probe = sum(
-      x.reshape(-1)[0].astype(jnp.float32)
-      for x in jax.tree.leaves(done) if x.size and _is_float(x)
+      jnp.sum(x.s if _is_factors(x) else x).astype(jnp.float32) for x in done
   )
   zero = jnp.where(jnp.isfinite(probe), probe, 0.0) * 0.0
   return jax.tree.map(lambda x: x + zero.astype(x.dtype) if _is_float(x) else x, tree)

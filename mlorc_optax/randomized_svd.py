@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mlorc_optax import _validation
 
@@ -49,9 +50,33 @@ def reconstruct(factors: LowRankFactors) -> jax.Array:
   return out
 
 
-def _gram(a: jax.Array) -> jax.Array:
-  """a^T a in full precision (TPU's default float32 matmul uses bf16 passes)."""
-  return jnp.matmul(jnp.swapaxes(a, -1, -2), a, precision=_HIGHEST)
+def _spec(x: jax.Array) -> tuple:
+  """The mesh axes of each dimension of x (None where not sharded)."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _matmul(a: jax.Array, b: jax.Array, out_axes: tuple, precision=None) -> jax.Array:
+  """a @ b, sharded as `out_axes` under an explicit mesh.
+
+  With explicit sharding a product that contracts a sharded axis must name
+  its output sharding: the tiny Gram matrices are replicated, tall products
+  keep the rows (or columns) of the operand they come from.
+  """
+  batch = tuple(range(a.ndim - 2))
+  dims = (((a.ndim - 1,), (a.ndim - 2,)), (batch, batch))
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.lax.dot_general(a, b, dims, precision=precision)
+  # (jnp.matmul drops a size-1 batch axis before applying out_sharding.)
+  return jax.lax.dot_general(a, b, dims, precision=precision, out_sharding=P(*out_axes))
+
+
+def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a^T b, small and replicated, in full precision (TPU's default float32
+  matmul uses bf16 passes, too coarse for a Gram matrix)."""
+  batch = _spec(a)[:-2]
+  return _matmul(jnp.swapaxes(a, -1, -2), b, batch + (None, None), precision=_HIGHEST)
 
 
 def _scale(a: jax.Array) -> jax.Array:
@@ -83,7 +108,7 @@ def orthonormalize(y: jax.Array) -> jax.Array:
   """
   y = y / _scale(y)  # Gram entries of 1e30-sized inputs would overflow
   for _ in range(2):
-    w, e = jnp.linalg.eigh(_gram(y))
+    w, e = jnp.linalg.eigh(_gram(y, y))
     keep = _kept(w)
     inv_sqrt = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)
     y = jnp.matmul(y, e * inv_sqrt[..., None, :])
@@ -93,14 +118,21 @@ def orthonormalize(y: jax.Array) -> jax.Array:
 def _left_product(q: jax.Array, a: jax.Array) -> jax.Array:
   """q^T a, (..., k, n): also standing for a^T q, which XLA:CPU computes by
   transposing all of `a` first (ten times slower for a (512, 2048) matrix)."""
-  return jnp.matmul(jnp.swapaxes(q, -1, -2), a)
+  spec = _spec(a)
+  return _matmul(jnp.swapaxes(q, -1, -2), a, spec[:-2] + (None, spec[-1]))
+
+
+def _right_product(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b for a thin b (..., n, k), sharded like the rows of a."""
+  spec = _spec(a)
+  return _matmul(a, b, spec[:-1] + (None,))
 
 
 def _orthonormal_rows(w: jax.Array) -> jax.Array:
   """`orthonormalize` of w^T, returned transposed, without transposing w."""
   w = w / _scale(w)
   for _ in range(2):
-    g, e = jnp.linalg.eigh(jnp.matmul(w, jnp.swapaxes(w, -1, -2), precision=_HIGHEST))
+    g, e = jnp.linalg.eigh(_gram(jnp.swapaxes(w, -1, -2), jnp.swapaxes(w, -1, -2)))
     keep = _kept(g)
     inv_sqrt = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, g, 1)), 0)
     w = jnp.matmul(jnp.swapaxes(e * inv_sqrt[..., None, :], -1, -2), w)
@@ -115,7 +147,8 @@ def _small_svd(q: jax.Array, b: jax.Array, rank: int) -> LowRankFactors:
   """
   c = _scale(b)
   b = b / c
-  w, e = _eigh_descending(jnp.matmul(b, jnp.swapaxes(b, -1, -2), precision=_HIGHEST))
+  bt = jnp.swapaxes(b, -1, -2)
+  w, e = _eigh_descending(_gram(bt, bt))
   w, e = w[..., :rank], e[..., :rank]
   keep = _kept(w)
   root = jnp.sqrt(jnp.where(keep, w, 0))
@@ -192,8 +225,8 @@ def randomized_svd(
     # would square a condition number that a square Omega makes large.
     return _exact_svd(a, rank)
   omega = jax.random.normal(key, (*batch, n, k), a.dtype)
-  q = orthonormalize(jnp.matmul(a, omega))
+  q = orthonormalize(_right_product(a, omega))
   for _ in range(power_iters):
     z = _orthonormal_rows(_left_product(q, a))  # orth(a^T q), kept as (k, n) rows
-    q = orthonormalize(jnp.matmul(a, jnp.swapaxes(z, -1, -2)))
+    q = orthonormalize(_right_product(a, jnp.swapaxes(z, -1, -2)))
   return _small_svd(q, _left_product(q, a), rank)
