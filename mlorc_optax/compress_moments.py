@@ -85,12 +85,18 @@ class _Layout(NamedTuple):
         signs.append(bool(names & set(nonnegative)))
     return cls(treedef, tuple(slots), tuple(signs))
 
-  def merge(self, entries: list[Any], moments: Sequence[Any]) -> Any:
-    """The state whose slots hold `moments` and whose other entries are `entries`'."""
-    entries = list(entries)
-    for j, moment in zip(self.slots, moments):
-      entries[j] = moment
-    return self.treedef.unflatten(entries)
+  def split(self, state: Any) -> tuple[list[Any], list[Any]]:
+    """(moments, other entries) of a state of the inner transformation."""
+    entries = self.treedef.flatten_up_to(state)
+    moments = [entries[j] for j in self.slots]
+    return moments, [e for j, e in enumerate(entries) if j not in self.slots]
+
+  def join(self, moments: Sequence[Any], others: Sequence[Any]) -> Any:
+    """Inverse of `split`."""
+    moments, others = iter(moments), iter(others)
+    return self.treedef.unflatten(
+        [next(moments) if j in self.slots else next(others) for j in range(self.treedef.num_leaves)]
+    )
 
 
 def _negative_sum_and_count(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -123,7 +129,7 @@ def _negative_fill(f: LowRankFactors) -> jax.Array:
   return jnp.sum(totals) / jnp.maximum(jnp.sum(counts), 1)
 
 
-def _check_rank_static(rank, oversample, power_iters, min_dim_size):
+def _check_shape_args(rank, oversample, power_iters, min_dim_size):
   _validation.check_positive_int('rank', rank)
   _validation.check_positive_int('oversample', oversample, allow_zero=True)
   _validation.check_positive_int('power_iters', power_iters, allow_zero=True)
@@ -182,22 +188,22 @@ def compress_moments(
   Returns:
     An `optax.GradientTransformationExtraArgs` with `CompressedMomentsState`.
   """
-  _check_rank_static(rank, oversample, power_iters, min_dim_size)
+  _check_shape_args(rank, oversample, power_iters, min_dim_size)
   factor_dtype = _validation.canonical_float_dtype('factor_dtype', factor_dtype)
   if isinstance(nonnegative, str):
     nonnegative = (nonnegative,)
   inner = optax.with_extra_args_support(inner)
 
+  def factorize(x, key):
+    f = randomized_svd(
+        x.astype(factor_dtype), rank, key, oversample=oversample, power_iters=power_iters
+    )
+    return jax.tree.map(lambda y: y.astype(factor_dtype), f)
+
   def compress_full(moment, view, key):
     batch_shape, _, _ = mv.matrix_shape(moment.shape, view)
-    mats = mv.to_matrices(moment, view).astype(factor_dtype)
-    factors = randomized_svd(
-        mats, rank, key, oversample=oversample, power_iters=power_iters
-    )
-    return jax.tree.map(
-        lambda x: x.astype(factor_dtype).reshape(batch_shape + x.shape[1:]),
-        factors,
-    )
+    factors = factorize(mv.to_matrices(moment, view), key)
+    return jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), factors)
 
   def views_of(tree):
     return mv.resolve_views(tree, compress, rank, min_dim_size)
@@ -210,26 +216,24 @@ def compress_moments(
       return CompressedMomentsState(count, inner.init(params))
     views = params_def.flatten_up_to(views_of(params))
     key = jax.random.fold_in(jax.random.key(seed), 0)
-    per_leaf = []
+    per_leaf, others = [], None
     for i, (leaf, view) in enumerate(zip(leaves, views)):
-      entries = layout.treedef.flatten_up_to(inner.init(leaf))
+      moments, others = layout.split(inner.init(leaf))
       if view is not None:
-        for j in layout.slots:
-          entries[j] = compress_full(entries[j], view, jax.random.fold_in(key, i * len(entries) + j))
-      per_leaf.append(entries)
-    entries = list(per_leaf[0])
-    for j in layout.slots:
-      entries[j] = params_def.unflatten([e[j] for e in per_leaf])
-    return CompressedMomentsState(count, layout.treedef.unflatten(entries))
+        moments = [
+            compress_full(m, view, jax.random.fold_in(key, i * len(moments) + j))
+            for j, m in enumerate(moments)
+        ]
+      per_leaf.append(moments)
+    moments = [params_def.unflatten(m) for m in zip(*per_leaf)] if layout.slots else []
+    return CompressedMomentsState(count, layout.join(moments, others))
 
-  def update_leaf(layout, entries, g, p, moments, view, dtypes, key, extra_args):
+  def update_leaf(layout, old_others, g, p, moments, view, dtypes, key, extra_args):
     """One parameter's update: returns (update, new moments, new other entries)."""
 
     def step(g, p, moments):
-      u, new_state = inner.update(g, layout.merge(entries, moments), p, **extra_args)
-      new_entries = layout.treedef.flatten_up_to(new_state)
-      others = [e for j, e in enumerate(new_entries) if j not in layout.slots]
-      return u.astype(g.dtype), [new_entries[j] for j in layout.slots], others
+      u, new_state = inner.update(g, layout.join(moments, old_others), p, **extra_args)
+      return (u.astype(g.dtype), *layout.split(new_state))
 
     if view is None:
       return step(g, p, moments)
@@ -245,16 +249,7 @@ def compress_moments(
         full.append((repair_nonnegative(x, _negative_fill(f)) if positive else x).astype(dtype))
       u, new_moments, others = step(g, p, full)
       key_b = jax.random.fold_in(key, b)
-      new_factors = [
-          jax.tree.map(
-              lambda x: x.astype(factor_dtype),
-              randomized_svd(
-                  x.astype(factor_dtype), rank, jax.random.fold_in(key_b, j),
-                  oversample=oversample, power_iters=power_iters,
-              ),
-          )
-          for j, x in enumerate(new_moments)
-      ]
+      new_factors = [factorize(x, jax.random.fold_in(key_b, j)) for j, x in enumerate(new_moments)]
       return u, new_factors, others
 
     g_mat = mv.to_matrices(g, view)
@@ -284,10 +279,10 @@ def compress_moments(
       return updates, CompressedMomentsState(optax.safe_increment(state.count), inner_state)
     views = params_def.flatten_up_to(views_of(updates))
     p_leaves = [None] * len(g_leaves) if params is None else params_def.flatten_up_to(params)
-    entries = layout.treedef.flatten_up_to(state.inner_state)
-    moments = [_leaves_matching(params_def, entries[j]) for j in layout.slots]
-    abstract = layout.treedef.flatten_up_to(jax.eval_shape(inner.init, updates))
-    dtypes = [[x.dtype for x in params_def.flatten_up_to(abstract[j])] for j in layout.slots]
+    moment_trees, others = layout.split(state.inner_state)
+    moments = [_leaves_matching(params_def, m) for m in moment_trees]
+    abstract, _ = layout.split(jax.eval_shape(inner.init, updates))
+    dtypes = [[x.dtype for x in params_def.flatten_up_to(a)] for a in abstract]
 
     key = jax.random.fold_in(jax.random.key(seed), optax.safe_increment(state.count))
     results = []
@@ -298,20 +293,14 @@ def compress_moments(
         # update: reading that would keep it in a temporary buffer)
         g, leaf_moments = _after(results[-1][1], (g, leaf_moments))
       results.append(update_leaf(
-          layout, entries, g, p, leaf_moments, view, [d[i] for d in dtypes],
+          layout, others, g, p, leaf_moments, view, [d[i] for d in dtypes],
           jax.random.fold_in(key, i), extra_args,
       ))
 
-    new_entries = list(entries)
-    for j, others in zip(
-        (j for j in range(len(entries)) if j not in layout.slots), results[-1][2]
-    ):
-      new_entries[j] = others
-    for k, j in enumerate(layout.slots):
-      new_entries[j] = params_def.unflatten([r[1][k] for r in results])
-    new_updates = params_def.unflatten([r[0] for r in results])
-    return new_updates, CompressedMomentsState(
-        optax.safe_increment(state.count), layout.treedef.unflatten(new_entries)
+    updates_out, new_moments, new_others = zip(*results)
+    new_moments = [params_def.unflatten(m) for m in zip(*new_moments)] if layout.slots else []
+    return params_def.unflatten(updates_out), CompressedMomentsState(
+        optax.safe_increment(state.count), layout.join(new_moments, new_others[-1])
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
