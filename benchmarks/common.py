@@ -92,9 +92,9 @@ def save(name: str, rows: list[dict[str, Any]], **meta) -> str:
 
 
 def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-  """A Markdown table of rows (dicts); floats printed with 3 significant digits."""
+  """A Markdown table of rows (dicts); floats printed with 4 significant digits."""
   columns = columns or list(rows[0])
-  fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
+  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in columns) + ' |' for r in rows]
   return '\n'.join(lines)
