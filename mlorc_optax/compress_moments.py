@@ -27,6 +27,7 @@ import optax
 
 from mlorc_optax import _validation
 from mlorc_optax import matrix_view as mv
+from mlorc_optax import metadata
 from mlorc_optax.randomized_svd import LowRankFactors, randomized_svd, reconstruct
 
 
@@ -225,7 +226,7 @@ def compress_moments(
             for j, m in enumerate(moments)
         ]
       per_leaf.append(moments)
-    moments = [params_def.unflatten(m) for m in zip(*per_leaf)] if layout.slots else []
+    moments = [metadata.place(params, m, views) for m in zip(*per_leaf)] if layout.slots else []
     return CompressedMomentsState(count, layout.join(moments, others))
 
   def update_leaf(layout, old_others, g, p, moments, view, dtypes, key, extra_args):

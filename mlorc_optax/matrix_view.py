@@ -33,7 +33,8 @@ ViewSpec = Union[MatrixView, bool, None]
 CompressArg = Union[None, Any, Callable[[Any], Any]]
 
 
-def _axes(view: MatrixView, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+def view_axes(view: MatrixView, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """(batch, row, column) axes of an `ndim`-D parameter seen through `view`."""
   rows = tuple(a % ndim for a in view.rows)
   cols = tuple(a % ndim for a in view.cols)
   if not rows or not cols or len(set(rows + cols)) != len(rows + cols):
@@ -47,21 +48,21 @@ def _axes(view: MatrixView, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]
 
 def matrix_shape(shape: tuple[int, ...], view: MatrixView) -> tuple[tuple[int, ...], int, int]:
   """Returns (batch_shape, m, n) of `shape` seen through `view`."""
-  batch, rows, cols = _axes(view, len(shape))
+  batch, rows, cols = view_axes(view, len(shape))
   size = lambda axes: int(np.prod([shape[a] for a in axes], dtype=np.int64))
   return tuple(shape[a] for a in batch), size(rows), size(cols)
 
 
 def to_matrices(x: jax.Array, view: MatrixView) -> jax.Array:
   """Transposes and reshapes x to (batch, m, n), one flat batch axis."""
-  batch, rows, cols = _axes(view, x.ndim)
+  batch, rows, cols = view_axes(view, x.ndim)
   _, m, n = matrix_shape(x.shape, view)
   return jnp.transpose(x, batch + rows + cols).reshape(-1, m, n)
 
 
 def from_matrices(x: jax.Array, view: MatrixView, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of `to_matrices`: a (batch, m, n) array back to `shape`."""
-  batch, rows, cols = _axes(view, len(shape))
+  batch, rows, cols = view_axes(view, len(shape))
   order = batch + rows + cols
   x = x.reshape(tuple(shape[a] for a in order))
   return jnp.transpose(x, np.argsort(order))
