@@ -120,14 +120,22 @@ def resolve_views(
   if compress is None:
     return jax.tree.map(lambda leaf: resolve(None, leaf), params)
   specs = compress(params) if callable(compress) else compress
+  is_spec = lambda x: x is None or isinstance(x, (bool, MatrixView))
   try:
-    return jax.tree.map(
-        lambda spec, sub: jax.tree.map(lambda leaf: resolve(spec, leaf), sub),
-        specs, params, is_leaf=lambda x: x is None or isinstance(x, (bool, MatrixView)),
-    )
+    pairs = jax.tree.map(_SpecAndSubtree, specs, params, is_leaf=is_spec)
   except ValueError as e:
     raise ValueError(
         '`compress` must be a tree with the structure of the parameters (or a '
         f'prefix of it), or a callable returning one: {e}'
     ) from e
+  return jax.tree.map(
+      lambda pair: jax.tree.map(lambda leaf: resolve(pair.spec, leaf), pair.subtree), pairs
+  )
+
+
+class _SpecAndSubtree:
+  """One `compress` entry and the parameters under it (a pytree leaf: not registered)."""
+
+  def __init__(self, spec: ViewSpec, subtree: Any):
+    self.spec, self.subtree = spec, subtree
 
