@@ -53,6 +53,9 @@ def headline(rounds, rank=4):
   variants = {
       'optax.adamw': optax.adamw(1e-3),
       'mlorc.adamw': mlorc.adamw(1e-3, rank=rank),
+      'mlorc.adamw warm_start, power_iters=0': mlorc.adamw(
+          1e-3, rank=rank, warm_start=True, power_iters=0
+      ),
       'optax.lion': optax.lion(1e-4),
       'mlorc.lion': mlorc.lion(1e-4, rank=rank),
   }

@@ -27,6 +27,7 @@ def adam(
     power_iters: int = 1,
     factor_dtype: Any = 'float32',
     seed: int = 0,
+    warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-Adam: `optax.adam` with rank-`rank` moments.
 
@@ -67,6 +68,7 @@ def adamw(
     power_iters: int = 1,
     factor_dtype: Any = 'float32',
     seed: int = 0,
+    warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-AdamW: `optax.adamw` (decoupled weight decay) with rank-`rank` moments.
 
@@ -105,6 +107,7 @@ def lion(
     power_iters: int = 0,
     factor_dtype: Any = 'float32',
     seed: int = 0,
+    warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-Lion: `optax.lion` with a rank-`rank` momentum.
 
@@ -128,5 +131,5 @@ def lion(
 
 
 def _options(arguments: dict[str, Any]) -> dict[str, Any]:
-  names = ('compress', 'min_dim_size', 'oversample', 'power_iters', 'factor_dtype', 'seed')
+  names = ('compress', 'min_dim_size', 'oversample', 'power_iters', 'factor_dtype', 'seed', 'warm_start')
   return {name: arguments[name] for name in names}

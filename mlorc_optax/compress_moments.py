@@ -19,7 +19,7 @@ before its concurrency-first scheduler, which then starts every parameter's
 reconstruction at once.
 """
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,7 @@ def _negative_sum_and_count(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def repair_nonnegative(x: jax.Array, fill: jax.Array | None = None) -> jax.Array:
-  """Replaces negative entries by the mean of their magnitudes (SPEC step 2)."""
+  """Replaces negative entries by the mean of their magnitudes (MLorc step 2)."""
   if fill is None:
     total, count = _negative_sum_and_count(x)
     fill = total / jnp.maximum(count, 1)
@@ -148,6 +148,7 @@ def compress_moments(
     power_iters: int = 1,
     factor_dtype: Any = 'float32',
     seed: int = 0,
+    warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Stores the parameter-shaped moments of `inner` as rank-`rank` factors.
 
@@ -185,6 +186,8 @@ def compress_moments(
     factor_dtype: dtype (or its name) of the stored factors.
     seed: seed of the random test matrices; one per parameter and step are
       derived from it and the step count.
+    warm_start: start each step's sketch from the previous step's right
+      factor (see `randomized_svd`); then power_iters=0 is usually enough.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with `CompressedMomentsState`.
@@ -195,9 +198,10 @@ def compress_moments(
     nonnegative = (nonnegative,)
   inner = optax.with_extra_args_support(inner)
 
-  def factorize(x, key):
+  def factorize(x, key, previous=None):
     f = randomized_svd(
-        x.astype(factor_dtype), rank, key, oversample=oversample, power_iters=power_iters
+        x.astype(factor_dtype), rank, key, oversample=oversample, power_iters=power_iters,
+        warm_start=previous.v if warm_start and previous is not None else None,
     )
     return jax.tree.map(lambda y: y.astype(factor_dtype), f)
 
@@ -250,7 +254,10 @@ def compress_moments(
         full.append((repair_nonnegative(x, _negative_fill(f)) if positive else x).astype(dtype))
       u, new_moments, others = step(g, p, full)
       key_b = jax.random.fold_in(key, b)
-      new_factors = [factorize(x, jax.random.fold_in(key_b, j)) for j, x in enumerate(new_moments)]
+      new_factors = [
+          factorize(x, jax.random.fold_in(key_b, j), f)
+          for j, (x, f) in enumerate(zip(new_moments, factors))
+      ]
       return u, new_factors, others
 
     g_mat = mv.to_matrices(g, view)

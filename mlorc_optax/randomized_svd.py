@@ -169,6 +169,7 @@ def randomized_svd(
     *,
     oversample: int = 0,
     power_iters: int = 1,
+    warm_start: jax.Array | None = None,
 ) -> LowRankFactors:
   r"""Rank-`rank` approximate SVD of a (batch of) matrices.
 
@@ -206,6 +207,11 @@ def randomized_svd(
     oversample: extra test vectors beyond `rank`.
     power_iters: subspace (power) iterations, which sharpen the basis for
       matrices with slowly decaying spectra.
+    warm_start: optional (..., n, j) right factor of a nearby matrix (the
+      previous step's V), j <= rank + oversample. Its columns lead the test
+      matrix, mixed with 0.1 of the Gaussian one so that new directions are
+      still found and a zero `warm_start` is a plain random sketch. With a
+      good warm start, power_iters=0 gives what a power iteration would.
 
   Returns:
     `LowRankFactors` with u (..., m, r), s (..., r), v (..., n, r),
@@ -225,6 +231,10 @@ def randomized_svd(
     # would square a condition number that a square Omega makes large.
     return _exact_svd(a, rank)
   omega = jax.random.normal(key, (*batch, n, k), a.dtype)
+  if warm_start is not None:
+    j = min(warm_start.shape[-1], k)
+    lead = warm_start[..., :j].astype(a.dtype) + 0.1 * omega[..., :j] / n**0.5
+    omega = jnp.concatenate([lead, omega[..., j:]], axis=-1)
   q = orthonormalize(_right_product(a, omega))
   for _ in range(power_iters):
     z = _orthonormal_rows(_left_product(q, a))  # orth(a^T q), kept as (k, n) rows

@@ -28,6 +28,7 @@ def scale_by_adam(
     power_iters: int = 1,
     factor_dtype: Any = 'float32',
     seed: int = 0,
+    warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam's rescaling with both moments stored as rank-`rank` factors (MLorc-Adam).
 
@@ -54,8 +55,8 @@ def scale_by_adam(
   Args:
     rank: rank of the stored moments.
     b1, b2, eps, eps_root, nesterov: as in `optax.scale_by_adam`.
-    compress, min_dim_size, oversample, power_iters, factor_dtype, seed: as in
-      `compress_moments`. Defaults follow the MLorc reference code.
+    compress, min_dim_size, oversample, power_iters, factor_dtype, seed,
+      warm_start: as in `compress_moments`. Defaults follow the MLorc reference code.
   """
   _check_betas(b1, b2)
   _validation.check_non_negative('eps', eps)
@@ -64,7 +65,7 @@ def scale_by_adam(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
       rank, nonnegative=('nu',), compress=compress, min_dim_size=min_dim_size,
       oversample=oversample, power_iters=power_iters,
-      factor_dtype=factor_dtype, seed=seed,
+      factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
   )
 
 
@@ -79,6 +80,7 @@ def scale_by_lion(
     power_iters: int = 0,
     factor_dtype: Any = 'float32',
     seed: int = 0,
+    warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lion's update with its momentum stored as rank-`rank` factors (MLorc-Lion).
 
@@ -98,13 +100,13 @@ def scale_by_lion(
   Args:
     rank: rank of the stored momentum.
     b1, b2: as in `optax.scale_by_lion`.
-    compress, min_dim_size, oversample, power_iters, factor_dtype, seed: as in
-      `compress_moments`.
+    compress, min_dim_size, oversample, power_iters, factor_dtype, seed,
+      warm_start: as in `compress_moments`.
   """
   _check_betas(b1, b2)
   return compress_moments(
       optax.scale_by_lion(b1=b1, b2=b2),
       rank, nonnegative=(), compress=compress, min_dim_size=min_dim_size,
       oversample=oversample, power_iters=power_iters,
-      factor_dtype=factor_dtype, seed=seed,
+      factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
   )

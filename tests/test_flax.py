@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import mlorc_optax as mlorc

@@ -199,3 +199,10 @@ def test_converges_on_parabola_rosenbrock_and_matrix_targets(make):
   target = jnp.array([[1.0, -2.0], [3.0, 0.5]])
   got = _minimise(make(True), lambda p: jnp.sum((p - target) ** 2), jnp.zeros((2, 2)), 600)
   np.testing.assert_allclose(got, target, atol=5e-2)
+
+
+def test_warm_started_sketches_converge():
+  target = jax.random.normal(jax.random.key(0), (32, 16))
+  tx = mlorc.adam(5e-2, rank=2, compress=True, warm_start=True, power_iters=0)
+  got = _minimise(tx, lambda p: jnp.sum((p - target) ** 2), jnp.zeros((32, 16)), 600)
+  np.testing.assert_allclose(got, target, atol=5e-2)

@@ -119,3 +119,20 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_vector_input_is_rejected():
   with pytest.raises(ValueError, match='`a`'):
     mlorc.randomized_svd(jnp.ones(8), 2, jax.random.key(0))
+
+
+def test_warm_start_from_a_nearby_subspace_replaces_the_power_iteration():
+  a, s = _decaying(300, 160, 0.9)
+  rank = 6
+  rng = np.random.default_rng(5)
+  nearby = a + 0.01 * rng.normal(size=a.shape) / np.sqrt(a.shape[1])
+  previous_v = np.linalg.svd(nearby)[2][:rank].T  # last step's right factor
+  with jax.enable_x64(True):
+    err = lambda **kw: np.linalg.norm(
+        a - np.asarray(mlorc.reconstruct(mlorc.randomized_svd(jnp.asarray(a), rank, jax.random.key(0), power_iters=0, **kw))), 2
+    )
+    warm, cold = err(warm_start=jnp.asarray(previous_v)), err()
+    zero = err(warm_start=jnp.zeros((160, rank)))  # step 1: no previous factor yet
+  assert warm <= 1.05 * s[rank]
+  assert warm < 0.8 * cold
+  assert zero <= 3 * s[rank]
