@@ -131,5 +131,6 @@ def lion(
 
 
 def _options(arguments: dict[str, Any]) -> dict[str, Any]:
+  """The MLorc options among an alias's arguments (its `locals()`), to pass on."""
   names = ('compress', 'min_dim_size', 'oversample', 'power_iters', 'factor_dtype', 'seed', 'warm_start')
   return {name: arguments[name] for name in names}
