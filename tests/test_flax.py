@@ -17,11 +17,8 @@ class MLP(nnx.Module):
     return self.out(nnx.relu(self.hidden(x)))
 
 
-def test_nnx_optimizer_trains_with_low_rank_state():
-  model = MLP(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, mlorc.adamw(1e-2, rank=2, compress=True), wrt=nnx.Param)
-  x = jax.random.normal(jax.random.key(1), (128, 32))
-  y = jnp.sin(x[:, :8])
+def _fit(model, optimizer, x, y, steps):
+  """Mean-squared-error training; returns the losses."""
 
   @nnx.jit
   def step(model, optimizer):
@@ -29,7 +26,16 @@ def test_nnx_optimizer_trains_with_low_rank_state():
     optimizer.update(model, grads)
     return loss
 
-  losses = [float(step(model, optimizer)) for _ in range(60)]
+  return [float(step(model, optimizer)) for _ in range(steps)]
+
+
+def test_nnx_optimizer_trains_with_low_rank_state():
+  model = MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, mlorc.adamw(1e-2, rank=2, compress=True), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (128, 32))
+  y = jnp.sin(x[:, :8])
+
+  losses = _fit(model, optimizer, x, y, 60)
   assert losses[-1] < 0.3 * losses[0]
   leaves = jax.tree_util.tree_leaves_with_path(nnx.state(optimizer.opt_state))
   kernel_u = [l for p, l in leaves if 'hidden' in jax.tree_util.keystr(p) and "'u'" in jax.tree_util.keystr(p)]
@@ -65,11 +71,5 @@ def test_nnx_scan_layers_are_compressed_one_layer_at_a_time():
   x = jax.random.normal(jax.random.key(1), (64, 32))
   y = jnp.sin(x)
 
-  @nnx.jit
-  def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
-    return loss
-
-  losses = [float(step(model, optimizer)) for _ in range(80)]
+  losses = _fit(model, optimizer, x, y, 80)
   assert losses[-1] < 0.3 * losses[0]
