@@ -50,6 +50,12 @@ def section() -> str:
         common.table(r['rows']), '',
         'How the cost grows:', '', common.table(r['scaling']), '',
     ]
+  for r in load('train_step_*.json'):
+    parts += [
+        f"**Full training step**, {r['size']} (`python benchmarks/train_step.py`, {r['device']}):", '',
+        common.table(r['rows'], ['optimizer', 'step_ms', 'step_vs_adamw', 'state_MiB', 'peak_MiB',
+                                 'peak_vs_adamw', 'compile_s']), '',
+    ]
   for r in load('finetune_lm_[!q]*.json'):
     c = r['config']
     parts += [
