@@ -105,11 +105,15 @@ def _negative_sum_and_count(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(jnp.where(negative, -x, 0)), jnp.sum(negative)
 
 
+def _mean_magnitude(total: jax.Array, count: jax.Array) -> jax.Array:
+  """Mean |negative entry| from their summed magnitude and number (0 if none)."""
+  return total / jnp.maximum(count, 1)
+
+
 def repair_nonnegative(x: jax.Array, fill: jax.Array | None = None) -> jax.Array:
   """Replaces negative entries by the mean of their magnitudes (MLorc step 2)."""
   if fill is None:
-    total, count = _negative_sum_and_count(x)
-    fill = total / jnp.maximum(count, 1)
+    fill = _mean_magnitude(*_negative_sum_and_count(x))
   return jnp.where(x < 0, fill.astype(x.dtype), x)
 
 
@@ -127,7 +131,7 @@ def _negative_fill(f: LowRankFactors) -> jax.Array:
   totals, counts = jax.lax.map(
       lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u))), interleaved
   )
-  return jnp.sum(totals) / jnp.maximum(jnp.sum(counts), 1)
+  return _mean_magnitude(jnp.sum(totals), jnp.sum(counts))
 
 
 def _check_shape_args(rank, oversample, power_iters, min_dim_size):

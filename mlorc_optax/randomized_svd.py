@@ -97,6 +97,18 @@ def _kept(w: jax.Array) -> jax.Array:
   return w > tol
 
 
+def _inverse_sqrt(w: jax.Array) -> jax.Array:
+  """w^(-1/2) for Gram eigenvalues above rounding noise, 0 for the rest."""
+  keep = _kept(w)
+  return jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)
+
+
+def _whitening(gram: jax.Array) -> jax.Array:
+  """E diag(w)^(-1/2) for gram = E diag(w) E^T: y @ it has orthonormal columns."""
+  w, e = jnp.linalg.eigh(gram)
+  return e * _inverse_sqrt(w)[..., None, :]
+
+
 def orthonormalize(y: jax.Array) -> jax.Array:
   """Orthonormal basis of the columns of y (..., m, k), by two Gram passes.
 
@@ -108,10 +120,7 @@ def orthonormalize(y: jax.Array) -> jax.Array:
   """
   y = y / _scale(y)  # Gram entries of 1e30-sized inputs would overflow
   for _ in range(2):
-    w, e = jnp.linalg.eigh(_gram(y, y))
-    keep = _kept(w)
-    inv_sqrt = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)
-    y = jnp.matmul(y, e * inv_sqrt[..., None, :])
+    y = jnp.matmul(y, _whitening(_gram(y, y)))
   return y
 
 
@@ -132,10 +141,8 @@ def _orthonormal_rows(w: jax.Array) -> jax.Array:
   """`orthonormalize` of w^T, returned transposed, without transposing w."""
   w = w / _scale(w)
   for _ in range(2):
-    g, e = jnp.linalg.eigh(_gram(jnp.swapaxes(w, -1, -2), jnp.swapaxes(w, -1, -2)))
-    keep = _kept(g)
-    inv_sqrt = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, g, 1)), 0)
-    w = jnp.matmul(jnp.swapaxes(e * inv_sqrt[..., None, :], -1, -2), w)
+    wt = jnp.swapaxes(w, -1, -2)
+    w = jnp.matmul(jnp.swapaxes(_whitening(_gram(wt, wt)), -1, -2), w)
   return w
 
 
@@ -150,10 +157,8 @@ def _small_svd(q: jax.Array, b: jax.Array, rank: int) -> LowRankFactors:
   bt = jnp.swapaxes(b, -1, -2)
   w, e = _eigh_descending(_gram(bt, bt))
   w, e = w[..., :rank], e[..., :rank]
-  keep = _kept(w)
-  root = jnp.sqrt(jnp.where(keep, w, 0))
-  inv_root = jnp.where(keep, 1 / jnp.where(keep, root, 1), 0)
-  v = jnp.matmul(jnp.swapaxes(b, -1, -2), e * inv_root[..., None, :])
+  root = jnp.sqrt(jnp.where(_kept(w), w, 0))
+  v = jnp.matmul(bt, e * _inverse_sqrt(w)[..., None, :])
   return LowRankFactors(u=jnp.matmul(q, e), s=root * c[..., 0], v=v)
 
 
