@@ -1,10 +1,11 @@
 """mlorc_optax: MLorc (momentum low-rank compression) optimizers for optax."""
 
-from mlorc_optax.alias import STATIC_ARGS, adam, adamw, lion
-from mlorc_optax.compress_moments import CompressedMomentsState, compress_moments, repair_nonnegative
-from mlorc_optax.matrix_view import MatrixView, default_view, resolve_views
-from mlorc_optax.randomized_svd import LowRankFactors, randomized_svd, reconstruct
-from mlorc_optax.transform import scale_by_adam, scale_by_lion
+from mlorc_optax._src.alias import STATIC_ARGS, adam, adamw, lion
+from mlorc_optax._src.compress_moments import CompressedMomentsState, compress_moments
+from mlorc_optax._src.matrix_view import MatrixView, default_view, resolve_views
+from mlorc_optax._src.randomized_svd import LowRankFactors, randomized_svd, reconstruct
+from mlorc_optax._src.repair import repair_nonnegative
+from mlorc_optax._src.transform import scale_by_adam, scale_by_lion
 
 __version__ = '0.1.0'
 

@@ -4,14 +4,14 @@ from typing import Any
 
 import optax
 
-from mlorc_optax import _validation
-from mlorc_optax import matrix_view as mv
-from mlorc_optax.compress_moments import compress_moments
+from mlorc_optax._src import validation
+from mlorc_optax._src import matrix_view as mv
+from mlorc_optax._src.compress_moments import compress_moments
 
 
 def _check_betas(b1, b2) -> None:
-  _validation.check_in_unit_interval('b1', b1)
-  _validation.check_in_unit_interval('b2', b2)
+  validation.check_in_unit_interval('b1', b1)
+  validation.check_in_unit_interval('b2', b2)
 
 
 def scale_by_adam(
@@ -59,8 +59,8 @@ def scale_by_adam(
       warm_start: as in `compress_moments`. Defaults follow the MLorc reference code.
   """
   _check_betas(b1, b2)
-  _validation.check_non_negative('eps', eps)
-  _validation.check_non_negative('eps_root', eps_root)
+  validation.check_non_negative('eps', eps)
+  validation.check_non_negative('eps_root', eps_root)
   return compress_moments(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
       rank, nonnegative=('nu',), compress=compress, min_dim_size=min_dim_size,

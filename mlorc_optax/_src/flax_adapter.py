@@ -1,4 +1,4 @@
-"""Moments of parameters held in metadata boxes (Flax NNX Variables).
+"""The Flax adapter: moments of parameters held in metadata boxes (NNX Variables).
 
 `nnx.Optimizer` copies a parameter's metadata, its sharding among it, onto
 every state leaf under that parameter. A parameter's (m, n) sharding does
@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import jax
 
-from mlorc_optax import matrix_view as mv
-from mlorc_optax.randomized_svd import LowRankFactors
+from mlorc_optax._src import matrix_view as mv
+from mlorc_optax._src.randomized_svd import LowRankFactors
 
 
 def is_box(x: Any) -> bool:
@@ -48,3 +48,11 @@ def place(params: Any, moments: Sequence[Any], views: Sequence[Any]) -> Any:
     return node.replace(moment)
 
   return jax.tree.map(put, params, is_leaf=is_box)
+
+
+def as_moment(x: Any) -> Any:
+  """A full moment, or its factors; Flax NNX's Optimizer stores a factor
+  triple as a State with keys 'u', 's', 'v', which reads back here."""
+  if hasattr(x, "shape") or isinstance(x, LowRankFactors):
+    return x
+  return LowRankFactors(u=x['u'], s=x['s'], v=x['v'])

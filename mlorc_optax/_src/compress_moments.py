@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mlorc_optax import _validation
-from mlorc_optax import matrix_view as mv
-from mlorc_optax import metadata
-from mlorc_optax.randomized_svd import LowRankFactors, randomized_svd, reconstruct
+from mlorc_optax._src import validation
+from mlorc_optax._src import matrix_view as mv
+from mlorc_optax._src import flax_adapter
+from mlorc_optax._src import repair
+from mlorc_optax._src.randomized_svd import LowRankFactors, randomized_svd, reconstruct
 
 
 class CompressedMomentsState(NamedTuple):
@@ -100,45 +101,11 @@ class _Layout(NamedTuple):
     )
 
 
-def _negative_sum_and_count(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  negative = x < 0
-  return jnp.sum(jnp.where(negative, -x, 0)), jnp.sum(negative)
-
-
-def _mean_magnitude(total: jax.Array, count: jax.Array) -> jax.Array:
-  """Mean |negative entry| from their summed magnitude and number (0 if none)."""
-  return total / jnp.maximum(count, 1)
-
-
-def repair_nonnegative(x: jax.Array, fill: jax.Array | None = None) -> jax.Array:
-  """Replaces negative entries by the mean of their magnitudes (MLorc step 2)."""
-  if fill is None:
-    fill = _mean_magnitude(*_negative_sum_and_count(x))
-  return jnp.where(x < 0, fill.astype(x.dtype), x)
-
-
-def _negative_fill(f: LowRankFactors) -> jax.Array:
-  """`repair_nonnegative`'s fill for reconstruct(f), a block of rows at a time.
-
-  Done apart from the update, so that the reconstruction is never stored: the
-  update then rebuilds it inside its own fused loop.
-  """
-  m = f.u.shape[0]
-  blocks = max(d for d in range(1, 9) if m % d == 0)
-  # Interleaved blocks (rows i, i + blocks, ...) leave a row sharding on the
-  # block's own rows, not on the mapped axis, which lax.map would refuse.
-  interleaved = jnp.swapaxes(f.u.reshape(m // blocks, blocks, -1), 0, 1)
-  totals, counts = jax.lax.map(
-      lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u))), interleaved
-  )
-  return _mean_magnitude(jnp.sum(totals), jnp.sum(counts))
-
-
 def _check_shape_args(rank, oversample, power_iters, min_dim_size):
-  _validation.check_positive_int('rank', rank)
-  _validation.check_positive_int('oversample', oversample, allow_zero=True)
-  _validation.check_positive_int('power_iters', power_iters, allow_zero=True)
-  _validation.check_positive_int('min_dim_size', min_dim_size, allow_zero=True)
+  validation.check_positive_int('rank', rank)
+  validation.check_positive_int('oversample', oversample, allow_zero=True)
+  validation.check_positive_int('power_iters', power_iters, allow_zero=True)
+  validation.check_positive_int('min_dim_size', min_dim_size, allow_zero=True)
 
 
 def compress_moments(
@@ -181,7 +148,7 @@ def compress_moments(
     nonnegative: names of the state fields that hold non-negative moments
       (``'nu'`` in optax's Adam family); their reconstructions are repaired.
     compress: which parameters to compress and how to view them as matrices:
-      None for `matrix_view.default_view`, or a tree (or callable returning a
+      None for `default_view`, or a tree (or callable returning a
       tree) of `MatrixView` / True / False entries, see `resolve_views`.
     min_dim_size: the default policy compresses a parameter whose last two
       axes both have at least this many entries.
@@ -197,7 +164,7 @@ def compress_moments(
     An `optax.GradientTransformationExtraArgs` with `CompressedMomentsState`.
   """
   _check_shape_args(rank, oversample, power_iters, min_dim_size)
-  factor_dtype = _validation.canonical_float_dtype('factor_dtype', factor_dtype)
+  factor_dtype = validation.canonical_float_dtype('factor_dtype', factor_dtype)
   if isinstance(nonnegative, str):
     nonnegative = (nonnegative,)
   inner = optax.with_extra_args_support(inner)
@@ -234,7 +201,7 @@ def compress_moments(
             for j, m in enumerate(moments)
         ]
       per_leaf.append(moments)
-    moments = [metadata.place(params, m, views) for m in zip(*per_leaf)] if layout.slots else []
+    moments = [flax_adapter.place(params, m, views) for m in zip(*per_leaf)] if layout.slots else []
     return CompressedMomentsState(count, layout.join(moments, others))
 
   def update_leaf(layout, old_others, g, p, moments, view, dtypes, key, extra_args):
@@ -255,7 +222,7 @@ def compress_moments(
       full = []
       for f, dtype, positive in zip(factors, dtypes, layout.nonnegative):
         x = reconstruct(f)
-        full.append((repair_nonnegative(x, _negative_fill(f)) if positive else x).astype(dtype))
+        full.append((repair.repair_nonnegative(x, repair.negative_fill(f)) if positive else x).astype(dtype))
       u, new_moments, others = step(g, p, full)
       key_b = jax.random.fold_in(key, b)
       new_factors = [
@@ -341,7 +308,7 @@ def _leaves_matching(params_def, moment_tree) -> list[Any]:
   """The moment tree's entries (arrays or factors) in the parameters' order."""
   try:
     entries = params_def.flatten_up_to(moment_tree)
-    return [_as_moment(x) for x in entries]
+    return [flax_adapter.as_moment(x) for x in entries]
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(
         f'`updates` do not match the optimizer state: the updates have tree '
@@ -349,14 +316,6 @@ def _leaves_matching(params_def, moment_tree) -> list[Any]:
         f'{jax.tree.structure(moment_tree, is_leaf=_is_factors)}, does not '
         'have. Call init with parameters of the same structure as the updates.'
     ) from e
-
-
-def _as_moment(x: Any) -> Any:
-  """A full moment, or its factors; Flax NNX's Optimizer stores a factor
-  triple as a State with keys 'u', 's', 'v', which reads back here."""
-  if hasattr(x, 'shape') or _is_factors(x):
-    return x
-  return LowRankFactors(u=x['u'], s=x['s'], v=x['v'])
 
 
 def _check_leaf(g, moments, view, rank) -> None:

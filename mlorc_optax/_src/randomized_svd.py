@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mlorc_optax import _validation
+from mlorc_optax._src import validation
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -222,9 +222,9 @@ def randomized_svd(
     `LowRankFactors` with u (..., m, r), s (..., r), v (..., n, r),
     r = min(rank, m, n), in the computation dtype (float32 or float64).
   """
-  _validation.check_positive_int('rank', rank)
-  _validation.check_positive_int('oversample', oversample, allow_zero=True)
-  _validation.check_positive_int('power_iters', power_iters, allow_zero=True)
+  validation.check_positive_int('rank', rank)
+  validation.check_positive_int('oversample', oversample, allow_zero=True)
+  validation.check_positive_int('power_iters', power_iters, allow_zero=True)
   if a.ndim < 2:
     raise ValueError(f'`a` must have at least 2 dimensions, got shape {a.shape}.')
   a = a.astype(jnp.promote_types(a.dtype, jnp.float32))

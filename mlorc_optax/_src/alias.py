@@ -4,8 +4,8 @@ from typing import Any, Callable
 
 import optax
 
-from mlorc_optax import matrix_view as mv
-from mlorc_optax import transform
+from mlorc_optax._src import matrix_view as mv
+from mlorc_optax._src import transform
 
 # Arguments that fix array shapes or are callables: under optax.inject_hyperparams
 # they must be static, e.g. `inject_hyperparams(mlorc.adamw, static_args=STATIC_ARGS)`.
