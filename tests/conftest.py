@@ -1,30 +1,8 @@
-"""Shared fixtures: small parameter trees and gradient streams."""
+"""pytest configuration. Test helpers live in helpers.py (`from helpers import ...`)."""
 
-import jax
-import jax.numpy as jnp
-import pytest
+# Run as a script by test_sharding.py (it sets the device count before jax is
+# imported); --doctest-modules must not import it into the test process.
+collect_ignore = ['multidevice_run.py']
 
-
-def make_params(key, dtype=jnp.float32):
-  """A Dense kernel, a bias, a scanned (layers, in, out) kernel and a scalar."""
-  k1, k2 = jax.random.split(key)
-  return {
-      'w': jax.random.normal(k1, (12, 8), dtype),
-      'b': jnp.zeros((8,), dtype),
-      'stack': jax.random.normal(k2, (3, 10, 9), dtype),
-      'scale': jnp.ones((), dtype),
-  }
-
-
-# Compress every matrix, including the small ones used in tests.
-COMPRESS_ALL = {'w': True, 'b': False, 'stack': True, 'scale': False}
-
-
-def gradient(params, t):
-  """A deterministic, full-rank, step-dependent gradient."""
-  return jax.tree.map(lambda x: jnp.sin(x * (t + 1.0)) + 0.1 * x + 0.01 * t, params)
-
-
-@pytest.fixture
-def params():
-  return make_params(jax.random.key(0))
+# Transitional: test files not yet moved to `from helpers import ...`.
+from helpers import COMPRESS_ALL, gradient, make_params  # noqa: E402,F401

@@ -6,7 +6,7 @@ import optax
 import orbax.checkpoint as ocp
 
 import mlorc_optax as mlorc
-from conftest import COMPRESS_ALL, gradient, make_params
+from helpers import COMPRESS_ALL, gradient, make_params
 
 
 def _steps(tx, params, state, start, count):

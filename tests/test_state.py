@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from conftest import COMPRESS_ALL, gradient, make_params
+from helpers import COMPRESS_ALL, gradient, make_params
 
 
 def _sizes(factors):

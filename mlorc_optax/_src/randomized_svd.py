@@ -222,9 +222,9 @@ def randomized_svd(
     `LowRankFactors` with u (..., m, r), s (..., r), v (..., n, r),
     r = min(rank, m, n), in the computation dtype (float32 or float64).
   """
-  validation.check_positive_int('rank', rank)
-  validation.check_positive_int('oversample', oversample, allow_zero=True)
-  validation.check_positive_int('power_iters', power_iters, allow_zero=True)
+  rank = validation.check_positive_int('rank', rank)
+  oversample = validation.check_non_negative_int('oversample', oversample)
+  power_iters = validation.check_non_negative_int('power_iters', power_iters)
   if a.ndim < 2:
     raise ValueError(f'`a` must have at least 2 dimensions, got shape {a.shape}.')
   a = a.astype(jnp.promote_types(a.dtype, jnp.float32))

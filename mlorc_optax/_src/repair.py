@@ -27,18 +27,53 @@ def repair_nonnegative(x: jax.Array, fill: jax.Array | None = None) -> jax.Array
   return jnp.where(x < 0, fill.astype(x.dtype), x)
 
 
-def negative_fill(f: LowRankFactors) -> jax.Array:
-  """`repair_nonnegative`'s fill for reconstruct(f), a block of rows at a time.
+# Largest reconstruction chunk of `negative_fill`, in entries (4 MiB in float32).
+_CHUNK_ENTRIES = 2**20
+# Matrices below that size are still done in this many chunks, so that the
+# pass's buffers stay a small fraction of the matrix.
+_MIN_CHUNKS = 8
+
+
+def _chunk_rows(m: int, n: int) -> int:
+  return max(1, min(-(-m // _MIN_CHUNKS), _CHUNK_ENTRIES // n))
+
+
+def negative_fill(f: LowRankFactors, *, chunk_rows: int | None = None) -> jax.Array:
+  """`repair_nonnegative`'s fill for reconstruct(f), a chunk of rows at a time.
 
   Done apart from the update, so that the reconstruction is never stored: the
-  update then rebuilds it inside its own fused loop.
+  update then rebuilds it inside its own fused loop. The m rows are taken in
+  m // c chunks of c rows and a remainder of m % c rows; c is at most
+  ceil(m / 8) and keeps a chunk within 2**20 entries.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from mlorc_optax._src import repair
+    >>> f = repair.LowRankFactors(  # the rank-1 matrix [[1, -3], [-1, 3], [2, -6]]
+    ...     u=jnp.array([[1.0], [-1.0], [2.0]]), s=jnp.ones(1), v=jnp.array([[1.0], [-3.0]]))
+    >>> repair.negative_fill(f, chunk_rows=2)  # mean of |-3|, |-1|, |-6|
+    Array(3.3333333, dtype=float32)
+
+  Args:
+    f: factors of one (m, n) matrix: u (m, r), s (r,), v (n, r).
+    chunk_rows: rows per chunk; None for the default described above.
+
+  Returns:
+    The mean magnitude of the negative entries of reconstruct(f), 0 if none.
   """
-  m = f.u.shape[0]
-  blocks = max(d for d in range(1, 9) if m % d == 0)
-  # Interleaved blocks (rows i, i + blocks, ...) leave a row sharding on the
-  # block's own rows, not on the mapped axis, which lax.map would refuse.
-  interleaved = jnp.swapaxes(f.u.reshape(m // blocks, blocks, -1), 0, 1)
-  totals, counts = jax.lax.map(
-      lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u))), interleaved
-  )
-  return _mean_magnitude(jnp.sum(totals), jnp.sum(counts))
+  m, n = f.u.shape[0], f.v.shape[0]
+  c = _chunk_rows(m, n) if chunk_rows is None else max(1, min(chunk_rows, m))
+  chunks, rest = divmod(m, c)
+  stats = lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u)))
+  if chunks == 1:
+    total, count = stats(f.u[:c])
+  else:
+    # Interleaved chunks (rows i, i + chunks, ...) leave a row sharding on the
+    # chunk's own rows, not on the mapped axis, which lax.map would refuse.
+    main = f.u[: chunks * c].reshape(c, chunks, -1)
+    totals, counts = jax.lax.map(stats, jnp.swapaxes(main, 0, 1))
+    total, count = jnp.sum(totals), jnp.sum(counts)
+  if rest:
+    rest_total, rest_count = stats(f.u[chunks * c:])
+    total, count = total + rest_total, count + rest_count
+  return _mean_magnitude(total, count)

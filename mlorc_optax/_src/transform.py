@@ -1,12 +1,25 @@
-"""MLorc-Adam and MLorc-Lion: optax's Adam and Lion with low-rank moments."""
+"""MLorc-Adam and MLorc-Lion: optax's Adam and Lion with low-rank moments.
+
+Both take optax's own arguments, in optax's order and with its defaults, then
+the MLorc options, keyword-only and the same in every factory of the library:
+`rank`, `compress`, `min_dim_size`, `oversample`, `power_iters`,
+`factor_dtype`, `seed` and `warm_start` (see `compress_moments`). A None
+option means the library's default, resolved inside, so that
+`optax.inject_hyperparams` leaves it static.
+"""
 
 from typing import Any
 
+import jax
 import optax
 
+from mlorc_optax._src import adam_atan2
 from mlorc_optax._src import validation
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src.compress_moments import compress_moments
+
+# The reference code sketches Lion's momentum without a power iteration.
+_LION_POWER_ITERS = 0
 
 
 def _check_betas(b1, b2) -> None:
@@ -15,17 +28,19 @@ def _check_betas(b1, b2) -> None:
 
 
 def scale_by_adam(
-    rank: int = 4,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: jax.typing.DTypeLike | None = None,
     *,
     nesterov: bool = False,
+    atan2: bool = False,
+    rank: int = 4,
     compress: mv.CompressArg = None,
-    min_dim_size: int = 128,
-    oversample: int = 0,
-    power_iters: int = 1,
+    min_dim_size: int | None = None,
+    oversample: int | None = None,
+    power_iters: int | None = None,
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
@@ -33,16 +48,18 @@ def scale_by_adam(
   r"""Adam's rescaling with both moments stored as rank-`rank` factors (MLorc-Adam).
 
   With the stored moments reconstructed as M~ and V~ (negative entries of V~
-  replaced by their mean magnitude):
+  replaced by the mean magnitude of the negative entries):
 
   .. math::
     m_t = b_1 \tilde M + (1 - b_1) g_t,\quad
     v_t = b_2 \tilde V + (1 - b_2) g_t^2,\quad
     u_t = \frac{m_t / (1 - b_1^t)}{\sqrt{v_t / (1 - b_2^t) + \epsilon_{root}} + \epsilon},
 
-  then m_t and v_t are compressed by `randomized_svd`. Parameters that are
-  not compressed (see `compress`) keep optax's full Adam moments, and at
-  rank >= min(m, n) the result equals `optax.scale_by_adam`.
+  then m_t and v_t are compressed by `randomized_svd`. With `atan2`, u_t is
+  Adam-atan2's (4/pi) atan2(m_t / (1 - b_1^t), sqrt(v_t / (1 - b_2^t)))
+  instead, and eps, eps_root are not used. Parameters that are not compressed
+  (see `compress`) keep full moments, and at rank >= min(m, n) the result
+  equals `optax.scale_by_adam`.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -51,33 +68,79 @@ def scale_by_adam(
     >>> params = {'w': jnp.ones((256, 128))}
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state)
+    >>> state[0].inner_state.mu['w'].u.shape
+    (256, 4)
 
   Args:
-    rank: rank of the stored moments.
-    b1, b2, eps, eps_root, nesterov: as in `optax.scale_by_adam`.
-    compress, min_dim_size, oversample, power_iters, factor_dtype, seed,
-      warm_start: as in `compress_moments`. Defaults follow the MLorc reference code.
+    b1: decay rate of the first moment, as in `optax.scale_by_adam`.
+    b2: decay rate of the second moment.
+    eps: term added to the denominator (not used with `atan2`).
+    eps_root: term added to the second moment inside the square root (not
+      used with `atan2`).
+    mu_dtype: optional dtype of the first moment where it is kept in full,
+      and of its reconstruction; None keeps the parameters' dtype.
+    nesterov: use Nesterov momentum, as `optax.scale_by_adam` does.
+    atan2: use Adam-atan2's bounded update, which needs no eps.
+    rank: rank of the stored moments; a matrix with min(m, n) <= rank is
+      stored exactly.
+    compress: which parameters to compress and how to view them as
+      matrices: None for `default_view`, or a tree (or a callable returning
+      one) of `MatrixView` / True / False entries, see `resolve_views`.
+    min_dim_size: the default policy compresses a parameter whose last two
+      axes both have at least this many entries; None for 128.
+    oversample: extra test vectors of the randomized SVD; None for 0.
+    power_iters: power iterations of the randomized SVD; None for 1, as in
+      the MLorc reference code.
+    factor_dtype: dtype (or its name) of the stored factors.
+    seed: seed of the random test matrices, one per parameter and step.
+    warm_start: start each step's sketch from the previous step's right
+      factor (see `randomized_svd`); then power_iters=0 is usually enough.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `CompressedMomentsState` around optax's `ScaleByAdamState`.
+
+  References:
+    Shen et al., `MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation <https://arxiv.org/abs/2506.01897>`_, 2025
+
+    Halko, Martinsson and Tropp, `Finding Structure with Randomness
+    <https://arxiv.org/abs/0909.4061>`_, SIAM Review, 2011
+
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2014
   """
   _check_betas(b1, b2)
   validation.check_non_negative('eps', eps)
   validation.check_non_negative('eps_root', eps_root)
+  if atan2:
+    inner = adam_atan2.scale_by_adam_atan2(b1, b2, mu_dtype, nesterov=nesterov)
+  else:
+    inner = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
   return compress_moments(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
-      rank, nonnegative=('nu',), compress=compress, min_dim_size=min_dim_size,
-      oversample=oversample, power_iters=power_iters,
-      factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
+      inner,
+      rank,
+      nonnegative=('nu',),
+      compress=compress,
+      min_dim_size=min_dim_size,
+      oversample=oversample,
+      power_iters=power_iters,
+      factor_dtype=factor_dtype,
+      seed=seed,
+      warm_start=warm_start,
   )
 
 
 def scale_by_lion(
-    rank: int = 4,
     b1: float = 0.9,
     b2: float = 0.99,
+    mu_dtype: jax.typing.DTypeLike | None = None,
     *,
+    rank: int = 4,
     compress: mv.CompressArg = None,
-    min_dim_size: int = 128,
-    oversample: int = 0,
-    power_iters: int = 0,
+    min_dim_size: int | None = None,
+    oversample: int | None = None,
+    power_iters: int | None = None,
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
@@ -96,17 +159,54 @@ def scale_by_lion(
     >>> import mlorc_optax as mlorc
     >>> tx = optax.chain(mlorc.scale_by_lion(rank=4), optax.scale(-1e-4))
     >>> state = tx.init({'w': jnp.ones((256, 128))})
+    >>> state[0].inner_state.mu['w'].v.shape
+    (128, 4)
 
   Args:
-    rank: rank of the stored momentum.
-    b1, b2: as in `optax.scale_by_lion`.
-    compress, min_dim_size, oversample, power_iters, factor_dtype, seed,
-      warm_start: as in `compress_moments`.
+    b1: rate of the interpolation that gives the update's sign, as in
+      `optax.scale_by_lion`.
+    b2: decay rate of the stored momentum.
+    mu_dtype: optional dtype of the momentum where it is kept in full, and
+      of its reconstruction; None keeps the parameters' dtype.
+    rank: rank of the stored momentum; a matrix with min(m, n) <= rank is
+      stored exactly.
+    compress: which parameters to compress and how to view them as
+      matrices: None for `default_view`, or a tree (or a callable returning
+      one) of `MatrixView` / True / False entries, see `resolve_views`.
+    min_dim_size: the default policy compresses a parameter whose last two
+      axes both have at least this many entries; None for 128.
+    oversample: extra test vectors of the randomized SVD; None for 0.
+    power_iters: power iterations of the randomized SVD; None for 0, as in
+      the MLorc reference code for Lion.
+    factor_dtype: dtype (or its name) of the stored factors.
+    seed: seed of the random test matrices, one per parameter and step.
+    warm_start: start each step's sketch from the previous step's right
+      factor (see `randomized_svd`).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `CompressedMomentsState` around optax's `ScaleByLionState`.
+
+  References:
+    Shen et al., `MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation <https://arxiv.org/abs/2506.01897>`_, 2025
+
+    Halko, Martinsson and Tropp, `Finding Structure with Randomness
+    <https://arxiv.org/abs/0909.4061>`_, SIAM Review, 2011
+
+    Chen et al., `Symbolic Discovery of Optimization Algorithms
+    <https://arxiv.org/abs/2302.06675>`_, 2023
   """
   _check_betas(b1, b2)
   return compress_moments(
-      optax.scale_by_lion(b1=b1, b2=b2),
-      rank, nonnegative=(), compress=compress, min_dim_size=min_dim_size,
-      oversample=oversample, power_iters=power_iters,
-      factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
+      optax.scale_by_lion(b1, b2, mu_dtype),
+      rank,
+      nonnegative=(),
+      compress=compress,
+      min_dim_size=min_dim_size,
+      oversample=oversample,
+      power_iters=_LION_POWER_ITERS if power_iters is None else power_iters,
+      factor_dtype=factor_dtype,
+      seed=seed,
+      warm_start=warm_start,
   )

@@ -1,9 +1,11 @@
 """Argument checks that run when a transformation is built or initialised.
 
 Hyperparameters may arrive as traced arrays under `optax.inject_hyperparams`;
-those cannot be checked in Python and are let through.
+float ones cannot be checked in Python and are let through. Integer ones fix
+array shapes and must stay Python ints: a traced one is refused with the fix.
 """
 
+import operator
 from typing import Any
 
 import jax
@@ -19,17 +21,39 @@ def _concrete_float(value: Any) -> float | None:
     return None
 
 
-def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
-  """Raises unless `value` is a Python int > 0 (or >= 0 with `allow_zero`)."""
-  lowest = 0 if allow_zero else 1
-  if isinstance(value, bool) or not isinstance(value, int):
+def _as_int(name: str, value: Any) -> int:
+  """`value` as a Python int: ints and integer-likes (np.int64, a 0-d integer
+  array) are accepted through `operator.index`; bools, floats and strings are not."""
+  if isinstance(value, jax.core.Tracer):
     raise TypeError(
-        f'`{name}` must be a Python int, got {value!r} of type '
-        f'{type(value).__name__}. Under `optax.inject_hyperparams`, list '
-        f'{name!r} in `static_args` so it stays a Python int.'
+        f'`{name}` must be a Python int, got a traced value {value!r}. Under '
+        f'`optax.inject_hyperparams`, list {name!r} in `static_args` (e.g. '
+        f'`static_args=mlorc.STATIC_ARGS`) so that it stays a Python int.'
     )
-  if value < lowest:
-    raise ValueError(f'`{name}` must be >= {lowest}, got {value}.')
+  if isinstance(value, (bool, jnp.bool_)):
+    raise TypeError(f'`{name}` must be an int, got the bool {value!r}.')
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise TypeError(
+        f'`{name}` must be an int, got {value!r} of type {type(value).__name__}.'
+    ) from None
+
+
+def check_positive_int(name: str, value: Any) -> int:
+  """Returns `value` as a Python int, raising unless it is an integer >= 1."""
+  value = _as_int(name, value)
+  if value < 1:
+    raise ValueError(f'`{name}` must be a positive int (>= 1), got {value}.')
+  return value
+
+
+def check_non_negative_int(name: str, value: Any) -> int:
+  """Returns `value` as a Python int, raising unless it is an integer >= 0."""
+  value = _as_int(name, value)
+  if value < 0:
+    raise ValueError(f'`{name}` must be a non-negative int (>= 0), got {value}.')
+  return value
 
 
 def check_in_unit_interval(name: str, value: Any) -> None:
