@@ -1,22 +1,11 @@
-"""MLorc for any optax transformation: keep its moments as low-rank factors.
+"""MLorc for any optimizer: keep its moments as low-rank factors.
 
-Per compressed parameter and step (arXiv 2506.01897):
-
-1. reconstruct each stored moment, M~ = U diag(s) V^T;
-2. for a non-negative moment (a second moment), replace its negative entries,
-   artefacts of the low-rank reconstruction, by the mean of their magnitudes;
-3. run the inner transformation's own update with the full moments;
-4. compress the moments it returns with a randomized SVD of rank r.
-
-The update of a step uses the fresh full moments; only their factors survive.
-
-Memory: the inner update runs one parameter at a time, and over the batch
-axes of a parameter (scanned layers) with `jax.lax.map`. Each parameter's
-inputs carry a data dependency on the previous parameter's results (`_after`),
-so the full-size moments alive at any moment belong to one matrix, never to
-the whole model. An optimisation barrier is not enough: XLA:CPU expands it
-before its concurrency-first scheduler, which then starts every parameter's
-reconstruction at once.
+`compress_moments` wraps an optax transformation (or a `LeafwiseTransformation`)
+and runs `matrix_step` on every compressed matrix: reconstruct the stored
+moments, run the optimizer's own update with them, compress the new moments.
+How the parameters are visited (one loop per group of same-shaped matrices,
+one group after the other) is `leaf_groups`; how an optax state is split into
+moments and the rest is `optax_inner`.
 """
 
 from typing import Any, NamedTuple, Sequence
@@ -25,11 +14,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mlorc_optax._src import validation
-from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import flax_adapter
-from mlorc_optax._src import repair
-from mlorc_optax._src.randomized_svd import LowRankFactors, randomized_svd, reconstruct
+from mlorc_optax._src import leaf_groups
+from mlorc_optax._src import matrix_step
+from mlorc_optax._src import matrix_view as mv
+from mlorc_optax._src import optax_inner
+from mlorc_optax._src import tree_checks
+from mlorc_optax._src import validation
+from mlorc_optax._src.leafwise import LeafwiseState, LeafwiseTransformation
+from mlorc_optax._src.randomized_svd import LowRankFactors
+
+DEFAULT_MIN_DIM_SIZE = 128
+DEFAULT_OVERSAMPLE = 0
+DEFAULT_POWER_ITERS = 1
 
 
 class CompressedMomentsState(NamedTuple):
@@ -39,95 +36,83 @@ class CompressedMomentsState(NamedTuple):
     count: number of updates so far (int32); with the seed it determines the
       random test matrices of each step.
     inner_state: the inner transformation's state, in which each compressed
-      parameter's moment is a `LowRankFactors` instead of a full array.
+      parameter's moment is a `LowRankFactors` instead of a full array (for
+      a `LeafwiseTransformation`, a `LeafwiseState`).
   """
 
   count: jax.Array
   inner_state: Any
 
 
-@jax.tree_util.register_pytree_node_class
-class _ParamsSlot:
-  """Stands for the parameters when asking an init function where it puts them."""
-
-  def tree_flatten(self):
-    return (), None
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    del aux, children
-    return cls()
-
-
-def _is_slot(x: Any) -> bool:
-  return isinstance(x, _ParamsSlot)
-
-
 def _is_factors(x: Any) -> bool:
   return isinstance(x, LowRankFactors)
 
 
-class _Layout(NamedTuple):
-  """Where the inner state holds parameter-shaped trees (its moments)."""
+class _Inner(NamedTuple):
+  """The wrapped optimizer as a LeafwiseTransformation, and how its state is stored."""
 
-  treedef: Any
-  slots: tuple[int, ...]  # entries of the flattened state that are moment trees
-  nonnegative: tuple[bool, ...]  # per slot
+  lw: LeafwiseTransformation
+  layout: optax_inner.StateLayout | None  # None: stored as a LeafwiseState
 
-  @classmethod
-  def of(cls, inner: optax.GradientTransformation, nonnegative: Sequence[str]) -> '_Layout':
-    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        inner.init(_ParamsSlot()), is_leaf=_is_slot
-    )
-    slots, signs = [], []
-    for i, (path, leaf) in enumerate(paths_and_leaves):
-      if _is_slot(leaf):
-        names = {str(getattr(k, 'name', getattr(k, 'key', k))) for k in path}
-        slots.append(i)
-        signs.append(bool(names & set(nonnegative)))
-    return cls(treedef, tuple(slots), tuple(signs))
+  def entry_trees(self, inner_state) -> tuple[dict[str, Any], Any]:
+    """({entry name: tree like the parameters}, global state)."""
+    if self.layout is None:
+      return dict(inner_state.entries), inner_state.global_state
+    moments, others = self.layout.split(inner_state)
+    return dict(zip(self.layout.names, moments)), others
 
-  def split(self, state: Any) -> tuple[list[Any], list[Any]]:
-    """(moments, other entries) of a state of the inner transformation."""
-    entries = self.treedef.flatten_up_to(state)
-    moments = [entries[j] for j in self.slots]
-    return moments, [e for j, e in enumerate(entries) if j not in self.slots]
-
-  def join(self, moments: Sequence[Any], others: Sequence[Any]) -> Any:
-    """Inverse of `split`."""
-    moments, others = iter(moments), iter(others)
-    return self.treedef.unflatten(
-        [next(moments) if j in self.slots else next(others) for j in range(self.treedef.num_leaves)]
-    )
+  def state(self, entries: dict[str, Any], glob: Any, count: jax.Array) -> Any:
+    if self.layout is None:
+      return LeafwiseState(count, entries, glob)
+    return self.layout.join([entries[n] for n in self.layout.names], glob)
 
 
-def _check_shape_args(rank, oversample, power_iters, min_dim_size):
-  validation.check_positive_int('rank', rank)
-  validation.check_positive_int('oversample', oversample, allow_zero=True)
-  validation.check_positive_int('power_iters', power_iters, allow_zero=True)
-  validation.check_positive_int('min_dim_size', min_dim_size, allow_zero=True)
+def _wrap(inner, nonnegative, extra_args=None) -> _Inner:
+  if isinstance(inner, LeafwiseTransformation):
+    return _Inner(inner, None)
+  return _Inner(*optax_inner.as_leafwise(inner, nonnegative, extra_args))
+
+
+def _batch_flat(tree: Any, batch_ndim: int) -> Any:
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[batch_ndim:]), tree)
+
+
+def _batch_shaped(tree: Any, batch_shape: tuple[int, ...]) -> Any:
+  return jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), tree)
 
 
 def compress_moments(
-    inner: optax.GradientTransformation,
+    inner: optax.GradientTransformation | LeafwiseTransformation,
     rank: int = 4,
     *,
     nonnegative: Sequence[str] = ('nu',),
     compress: mv.CompressArg = None,
-    min_dim_size: int = 128,
-    oversample: int = 0,
-    power_iters: int = 1,
+    min_dim_size: int | None = None,
+    oversample: int | None = None,
+    power_iters: int | None = None,
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Stores the parameter-shaped moments of `inner` as rank-`rank` factors.
 
-  The inner update is applied to one parameter (one matrix of a batch) at a
-  time. That is exact for transformations that treat every parameter on its
-  own, as optax's Adam, Lion, ADOPT, AdaBelief, RMSProp, SGD with momentum and
-  their kin do, and not for those that couple parameters (Prodigy's global
-  step size, for one).
+  Per compressed matrix and step: reconstruct each moment M~ = U diag(s) V^T
+  (repairing the negative entries of a non-negative one), run `inner`'s
+  update with the full moments, and compress the new moments with
+  `randomized_svd`; this step's update uses the full moments.
+
+  The inner update is applied to one matrix at a time. That is exact for
+  transformations that treat every parameter on its own, as optax's Adam,
+  Lion, ADOPT, AdaBelief, RMSProp, SGD with momentum and their kin do.
+  Optimizers that couple parameters through global statistics (Prodigy's
+  step size) are written as a `LeafwiseTransformation`, which this also
+  accepts.
+
+  Numerics: a moment holding Inf or NaN entries is factored as
+  `randomized_svd` documents (its factors stay finite). float16 parameters
+  are updated in float32 inside the step (their g * g overflows float16) and
+  the update is cast back; uncompressed float16 parameters keep optax's own
+  behaviour.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -140,186 +125,199 @@ def compress_moments(
     >>> updates, state = tx.update(params, state, params)
 
   Args:
-    inner: the transformation whose moments to compress. Its state's
-      parameter-shaped trees (found as optax.tree.map_params finds them) are
-      the moments.
+    inner: the optimizer whose moments to compress: an optax transformation,
+      whose state's parameter-shaped trees (found as optax.tree.map_params
+      finds them) are the moments, or a `LeafwiseTransformation`.
     rank: rank of the stored factors; a matrix with min(m, n) <= rank is
       stored exactly.
     nonnegative: names of the state fields that hold non-negative moments
       (``'nu'`` in optax's Adam family); their reconstructions are repaired.
+      Ignored for a `LeafwiseTransformation`, which names its own.
     compress: which parameters to compress and how to view them as matrices:
-      None for `default_view`, or a tree (or callable returning a
-      tree) of `MatrixView` / True / False entries, see `resolve_views`.
-    min_dim_size: the default policy compresses a parameter whose last two
-      axes both have at least this many entries.
-    oversample: extra test vectors of the randomized SVD.
-    power_iters: power iterations of the randomized SVD.
+      None for `default_view`, or a tree (or callable returning a tree) of
+      `MatrixView` / True / False entries, see `resolve_views`.
+    min_dim_size: threshold of the default policy (None: 128).
+    oversample: extra test vectors of the randomized SVD (None: 0).
+    power_iters: power iterations of the randomized SVD (None: 1).
     factor_dtype: dtype (or its name) of the stored factors.
-    seed: seed of the random test matrices; one per parameter and step are
-      derived from it and the step count.
+    seed: seed of the random test matrices; one per matrix and step are
+      derived from it and the step count. May be traced.
     warm_start: start each step's sketch from the previous step's right
       factor (see `randomized_svd`); then power_iters=0 is usually enough.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with `CompressedMomentsState`.
+
+  References:
+    Shen et al., MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation, arXiv 2506.01897.
+    Halko, Martinsson and Tropp, Finding Structure with Randomness, SIAM
+    Review 2011.
   """
-  _check_shape_args(rank, oversample, power_iters, min_dim_size)
-  factor_dtype = validation.canonical_float_dtype('factor_dtype', factor_dtype)
+  rank = validation.check_positive_int('rank', rank)
+  min_dim_size = validation.check_non_negative_int(
+      'min_dim_size', DEFAULT_MIN_DIM_SIZE if min_dim_size is None else min_dim_size)
+  compressor = matrix_step.Compressor(
+      rank=rank,
+      oversample=validation.check_non_negative_int(
+          'oversample', DEFAULT_OVERSAMPLE if oversample is None else oversample),
+      power_iters=validation.check_non_negative_int(
+          'power_iters', DEFAULT_POWER_ITERS if power_iters is None else power_iters),
+      factor_dtype=validation.canonical_float_dtype('factor_dtype', factor_dtype),
+      warm_start=bool(warm_start),
+  )
   if isinstance(nonnegative, str):
     nonnegative = (nonnegative,)
-  inner = optax.with_extra_args_support(inner)
-
-  def factorize(x, key, previous=None):
-    f = randomized_svd(
-        x.astype(factor_dtype), rank, key, oversample=oversample, power_iters=power_iters,
-        warm_start=previous.v if warm_start and previous is not None else None,
-    )
-    return jax.tree.map(lambda y: y.astype(factor_dtype), f)
-
-  def compress_full(moment, view, key):
-    batch_shape, _, _ = mv.matrix_shape(moment.shape, view)
-    factors = factorize(mv.to_matrices(moment, view), key)
-    return jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), factors)
+  if not isinstance(inner, LeafwiseTransformation):
+    inner = optax.with_extra_args_support(inner)
 
   def views_of(tree):
     return mv.resolve_views(tree, compress, rank, min_dim_size)
 
-  def init_fn(params):
-    layout = _Layout.of(inner, nonnegative)
-    leaves, params_def = jax.tree.flatten(params)
-    count = jnp.zeros([], jnp.int32)
-    if not leaves:
-      return CompressedMomentsState(count, inner.init(params))
-    views = params_def.flatten_up_to(views_of(params))
-    key = jax.random.fold_in(jax.random.key(seed), 0)
-    per_leaf, others = [], None
-    for i, (leaf, view) in enumerate(zip(leaves, views)):
-      moments, others = layout.split(inner.init(leaf))
-      if view is not None:
-        moments = [
-            compress_full(m, view, jax.random.fold_in(key, i * len(moments) + j))
-            for j, m in enumerate(moments)
-        ]
-      per_leaf.append(moments)
-    moments = [flax_adapter.place(params, m, views) for m in zip(*per_leaf)] if layout.slots else []
-    return CompressedMomentsState(count, layout.join(moments, others))
-
-  def update_leaf(layout, old_others, g, p, moments, view, dtypes, key, extra_args):
-    """One parameter's update: returns (update, new moments, new other entries)."""
-
-    def step(g, p, moments):
-      u, new_state = inner.update(g, layout.join(moments, old_others), p, **extra_args)
-      return (u.astype(g.dtype), *layout.split(new_state))
-
+  def init_leaf(lw, param, view, key):
+    """A parameter's entries, its moments compressed when it has a view."""
     if view is None:
-      return step(g, p, moments)
+      return lw.init_leaf(param)
+    batch_shape, _, _ = mv.matrix_shape(param.shape, view)
+    matrices = mv.to_matrices(param, view)
+    entries = jax.vmap(lw.init_leaf)(matrices)
+    for j, name in enumerate(lw.moments):
+      entries[name] = compressor(entries[name], jax.random.fold_in(key, j))
+    return _batch_shaped(entries, batch_shape)
 
-    batch_shape, _, _ = mv.matrix_shape(g.shape, view)
-    flat = lambda f: jax.tree.map(lambda x: x.reshape((-1,) + x.shape[len(batch_shape):]), f)
-
-    def one_matrix(xs):
-      g, p, factors, b = xs
-      full = []
-      for f, dtype, positive in zip(factors, dtypes, layout.nonnegative):
-        x = reconstruct(f)
-        full.append((repair.repair_nonnegative(x, repair.negative_fill(f)) if positive else x).astype(dtype))
-      u, new_moments, others = step(g, p, full)
-      key_b = jax.random.fold_in(key, b)
-      new_factors = [
-          factorize(x, jax.random.fold_in(key_b, j), f)
-          for j, (x, f) in enumerate(zip(new_moments, factors))
-      ]
-      return u, new_factors, others
-
-    g_mat = mv.to_matrices(g, view)
-    p_mat = None if p is None else mv.to_matrices(p, view)
-    factors = [flat(f) for f in moments]
-    if g_mat.shape[0] == 1:
-      first = lambda t: jax.tree.map(lambda x: x[0], t)
-      u, new_factors, others = one_matrix((first(g_mat), first(p_mat), first(factors), 0))
-      u, new_factors = jax.tree.map(lambda x: x[None], (u, new_factors))
-    else:
-      u, new_factors, others = jax.lax.map(
-          one_matrix, (g_mat, p_mat, factors, jnp.arange(g_mat.shape[0]))
-      )
-      others = jax.tree.map(lambda x: x[0], others)
-    unflat = lambda x: x.reshape(batch_shape + x.shape[1:])
-    return (
-        mv.from_matrices(u, view, g.shape),
-        jax.tree.map(unflat, new_factors),
-        others,
-    )
+  def init_fn(params):
+    wrapped = _wrap(inner, nonnegative)
+    lw = wrapped.lw
+    leaves, params_def = jax.tree.flatten(params)
+    views = params_def.flatten_up_to(views_of(params)) if leaves else []
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    per_leaf = [
+        init_leaf(lw, leaf, view, jax.random.fold_in(key, i * len(lw.moments)))
+        for i, (leaf, view) in enumerate(zip(leaves, views))
+    ]
+    names = per_leaf[0].keys() if per_leaf else lw.init_leaf(jnp.zeros([])).keys()
+    entries = {
+        n: flax_adapter.place(params, [e[n] for e in per_leaf], views) if per_leaf else {}
+        for n in names
+    }
+    count = jnp.zeros([], jnp.int32)
+    return CompressedMomentsState(count, wrapped.state(entries, lw.init_global(params), count))
 
   def update_fn(updates, state, params=None, **extra_args):
-    layout = _Layout.of(inner, nonnegative)
+    wrapped = _wrap(inner, nonnegative, extra_args)
+    lw = wrapped.lw
+    count = optax.safe_increment(state.count)
+    entry_trees, glob = wrapped.entry_trees(state.inner_state)
     g_leaves, params_def = jax.tree.flatten(updates)
-    if not g_leaves:
-      updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-      return updates, CompressedMomentsState(optax.safe_increment(state.count), inner_state)
-    views = params_def.flatten_up_to(views_of(updates))
+    _check_structures(updates, params, entry_trees)
+    views = params_def.flatten_up_to(views_of(updates)) if g_leaves else []
     p_leaves = [None] * len(g_leaves) if params is None else params_def.flatten_up_to(params)
-    moment_trees, others = layout.split(state.inner_state)
-    moments = [_leaves_matching(params_def, m) for m in moment_trees]
-    abstract, _ = layout.split(jax.eval_shape(inner.init, updates))
-    dtypes = [[x.dtype for x in params_def.flatten_up_to(a)] for a in abstract]
-
-    key = jax.random.fold_in(jax.random.key(seed), optax.safe_increment(state.count))
-    results = []
+    per_name = {
+        n: [flax_adapter.as_moment(x) for x in params_def.flatten_up_to(t)]
+        for n, t in entry_trees.items()
+    }
+    paths = [jax.tree_util.keystr(k) for k in tree_checks.leaf_paths(updates)]
+    leaves = []
     for i, (g, p, view) in enumerate(zip(g_leaves, p_leaves, views)):
-      leaf_moments = [m[i] for m in moments]
-      _check_leaf(g, leaf_moments, view, rank)
-      if results:  # wait for the previous parameter's new moments (not its
-        # update: reading that would keep it in a temporary buffer)
-        g, leaf_moments = _after(results[-1][1], (g, leaf_moments))
-      results.append(update_leaf(
-          layout, others, g, p, leaf_moments, view, [d[i] for d in dtypes],
-          jax.random.fold_in(key, i), extra_args,
-      ))
+      entries = {n: per_name[n][i] for n in per_name}
+      _check_leaf(paths[i], g, entries, lw.moments, view, rank)
+      if view is None:
+        leaves.append(leaf_groups.Leaf(i, g, p, entries, False))
+      else:
+        batch_ndim = len(mv.matrix_shape(g.shape, view)[0])
+        leaves.append(leaf_groups.Leaf(
+            i, mv.to_matrices(g, view), None if p is None else mv.to_matrices(p, view),
+            _batch_flat(entries, batch_ndim), True,
+        ))
+    key = jax.random.fold_in(jax.random.key(seed), count)
+    glob_mid, results, stats = _passes(lw, compressor, leaves, glob, key)
 
-    updates_out, new_moments, new_others = zip(*results)
-    new_moments = [params_def.unflatten(m) for m in zip(*new_moments)] if layout.slots else []
-    return params_def.unflatten(updates_out), CompressedMomentsState(
-        optax.safe_increment(state.count), layout.join(new_moments, new_others[-1])
+    out_updates, out_entries = [], {n: [] for n in per_name}
+    for leaf, view, g, (u, new) in zip(leaves, views, g_leaves, results):
+      if view is not None:
+        batch_shape = mv.matrix_shape(g.shape, view)[0]
+        u = mv.from_matrices(u, view, g.shape)
+        new = _batch_shaped(new, batch_shape)
+      out_updates.append(u)
+      for n in out_entries:
+        out_entries[n].append(new[n])
+    entries = {n: params_def.unflatten(e) for n, e in out_entries.items()}
+    new_glob = lw.finalize(glob_mid, stats)
+    return params_def.unflatten(out_updates), CompressedMomentsState(
+        count, wrapped.state(entries, new_glob, count)
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _is_float(x: Any) -> bool:
-  return jnp.issubdtype(x.dtype, jnp.floating)
+def _sum(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *trees) if trees else ()
 
 
-def _after(done: Sequence[Any], tree: Any) -> Any:
-  """`tree`, unchanged in value, but computed only once the moments `done` are.
+def _batch_sum(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
-  Adds to every float array of `tree` a zero read from each new moment: the
-  singular values of factors (computed last, tiny and replicated, so this
-  also holds under sharding), or the sum of a full moment. A non-finite read
-  counts as zero, so nothing leaks from one parameter into the next.
+
+def _passes(lw, compressor, leaves, glob, key):
+  """All passes of one step over the parameters.
+
+  1. the repair's fill of every non-negative moment (a loop per group);
+  2. optionally the read-only pre-pass and `lw.prepare`;
+  3. the new factors of every compressed matrix (a loop per group);
+  4. updates and the other new entries, elementwise, and their stats.
+
+  Returns (glob_mid, per leaf (update, new entries), summed stats).
   """
-  probe = sum(
-      jnp.sum(x.s if _is_factors(x) else x).astype(jnp.float32) for x in done
+  no_fills = {leaf.index: {} for leaf in leaves if leaf.compressed}
+  fills = leaf_groups.map_matrices(
+      leaves, lambda k, g, p, e, x: matrix_step.negative_fills(lw, e), key
+  ) if lw.nonnegative else no_fills
+
+  def over_batch(fn, leaf, *args):
+    return jax.vmap(lambda g, p, e, f: fn(lw, g, p, e, f, *args))(leaf.g, leaf.p, leaf.entries, fills[leaf.index])
+
+  glob_mid = glob
+  if lw.prepare_leaf is not None:
+    pre = [
+        _batch_sum(over_batch(matrix_step.prepare, leaf, glob)) if leaf.compressed
+        else lw.prepare_leaf(leaf.g, leaf.p, leaf.entries, glob)
+        for leaf in leaves
+    ]
+    glob_mid = lw.prepare(glob, _sum(pre))
+
+  factors = leaf_groups.map_matrices(
+      leaves,
+      lambda k, g, p, e, f: matrix_step.new_factors(lw, compressor, k, g, p, e, f, glob, glob_mid),
+      key, xs=fills,
   )
-  zero = jnp.where(jnp.isfinite(probe), probe, 0.0) * 0.0
-  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if _is_float(x) else x, tree)
+  results, stats = [], []
+  for leaf in leaves:
+    if leaf.compressed:
+      u, others, st = over_batch(matrix_step.update, leaf, glob, glob_mid)
+      results.append((u, {**others, **factors[leaf.index]}))
+      stats.append(_batch_sum(st))
+    else:
+      u, new, st = lw.update_leaf(leaf.g, leaf.p, leaf.entries, glob, glob_mid)
+      results.append((u, new))
+      stats.append(st)
+  return glob_mid, results, _sum(stats)
 
 
-def _leaves_matching(params_def, moment_tree) -> list[Any]:
-  """The moment tree's entries (arrays or factors) in the parameters' order."""
-  try:
-    entries = params_def.flatten_up_to(moment_tree)
-    return [flax_adapter.as_moment(x) for x in entries]
-  except (ValueError, TypeError, KeyError) as e:
-    raise ValueError(
-        f'`updates` do not match the optimizer state: the updates have tree '
-        f'structure {params_def}, which the state, initialised for '
-        f'{jax.tree.structure(moment_tree, is_leaf=_is_factors)}, does not '
-        'have. Call init with parameters of the same structure as the updates.'
-    ) from e
+_FIX = ('Call init with parameters of the same structure and shapes as the '
+        'updates, and keep `compress` the same between init and update.')
 
 
-def _check_leaf(g, moments, view, rank) -> None:
-  for moment in moments:
+def _check_structures(updates, params, entry_trees) -> None:
+  if params is not None:
+    tree_checks.check_matches(updates, params, 'the parameters', 'Pass parameters shaped like the updates.')
+  for tree in entry_trees.values():
+    tree_checks.check_matches(updates, tree, 'the optimizer state', _FIX)
+
+
+def _check_leaf(path, g, entries, moments, view, rank) -> None:
+  """Raises unless the leaf's stored moments fit its gradient and view."""
+  for name in moments:
+    moment = entries[name]
     if view is None:
       ok = not _is_factors(moment) and moment.shape == g.shape
       expected = g.shape
@@ -331,8 +329,7 @@ def _check_leaf(g, moments, view, rank) -> None:
     if not ok:
       found = (moment.u.shape, moment.v.shape) if _is_factors(moment) else moment.shape
       raise ValueError(
-          f'`updates` do not match the optimizer state: an update of shape '
-          f'{g.shape} needs a moment of shape {expected}, the state holds '
-          f'{found}. Call init with parameters shaped like the updates, and '
-          'keep `compress` the same between init and update.'
+          f'`updates` do not match the optimizer state at {path}: an update of '
+          f'shape {g.shape} needs a moment {name!r} of shape {expected}, the '
+          f'state holds {found}. {_FIX}'
       )
