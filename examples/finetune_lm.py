@@ -103,23 +103,6 @@ class CharTransformer(nnx.Module):
     return self.embed.attend(self.norm(x))
 
 
-def attention_views(params):
-  """Flax attention kernels as matrices; everything else by MLorc's default."""
-
-  def view(path, x):
-    names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
-    if names[-1] == 'value':  # nnx.Variable's own field
-      names = names[:-1]
-    module, leaf = ([''] + names)[-2:]
-    if leaf == 'kernel' and module in ('query', 'key', 'value'):
-      return mlorc.MatrixView(rows=(0,), cols=(1, 2))  # (embed, heads, head_dim)
-    if leaf == 'kernel' and module == 'out':
-      return mlorc.MatrixView(rows=(0, 1), cols=(2,))  # (heads, head_dim, embed)
-    return mlorc.default_view(x.shape, RANK, min_dim_size=64)
-
-  return jax.tree_util.tree_map_with_path(view, params)
-
-
 def loss_fn(model, tokens):
   logits = model(tokens[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
@@ -184,13 +167,11 @@ def optimizers(steps):
   schedule = lambda peak: optax.warmup_cosine_decay_schedule(0.0, peak, max(steps // 10, 1), steps)
   return {
       'AdamW (full)': lambda: optax.adamw(schedule(1e-3), weight_decay=0.01),
-      'MLorc-AdamW r4': lambda: mlorc.adamw(
-          schedule(1e-3), rank=RANK, weight_decay=0.01, compress=attention_views
-      ),
+      # No `compress`: the default compresses every kernel (attention included)
+      # and the embedding; `mlorc.summarize` below shows what.
+      'MLorc-AdamW r4': lambda: mlorc.adamw(schedule(1e-3), rank=RANK, weight_decay=0.01),
       'Lion (full)': lambda: optax.lion(schedule(1e-4), weight_decay=0.1),
-      'MLorc-Lion r4': lambda: mlorc.lion(
-          schedule(1e-4), rank=RANK, weight_decay=0.1, compress=attention_views
-      ),
+      'MLorc-Lion r4': lambda: mlorc.lion(schedule(1e-4), rank=RANK, weight_decay=0.1),
       'GaLore r4': lambda: optax.contrib.galore(schedule(1e-3), rank=RANK, update_proj_gap=200),
       'LoRA r4': lambda: optax.adamw(schedule(2e-3), weight_decay=0.0),
   }
@@ -219,6 +200,8 @@ def main(argv=None):
   pretrained = nnx.state(model)
   graphdef = nnx.graphdef(model)
   base_loss = evaluate(model, batches(ft_test, batch, seq, 99), eval_batches)
+  print('\nWhat MLorc-AdamW compresses in this model:')
+  mlorc.summarize(runs['MLorc-AdamW r4'](), nnx.state(model, nnx.Param))
 
   rows, curves = [], {}
   for name, make in runs.items():

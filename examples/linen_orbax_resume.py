@@ -76,7 +76,9 @@ def main(argv=None):
   directory = args.dir or tempfile.mkdtemp(prefix='mlorc_ckpt_')
   half = args.steps // 2
 
-  straight, loss = run(new_state(), 0, args.steps)
+  state = new_state()
+  mlorc.summarize(state.tx, state.params)  # what MLorc-Lion keeps for each parameter
+  straight, loss = run(state, 0, args.steps)
   print(f'uninterrupted: {args.steps} steps, loss {loss:.5f}')
 
   with ocp.CheckpointManager(directory) as manager:

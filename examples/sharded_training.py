@@ -66,6 +66,7 @@ def main(argv=None):
       return loss
 
     model, optimizer = create()
+    mlorc.summarize(optimizer.tx, nnx.state(model, nnx.Param))  # what is compressed
     batch_sharding = NamedSharding(mesh, P('fsdp', None))
     for t in range(args.steps):
       x = jax.device_put(jax.random.normal(jax.random.key(t + 1), (256, 256)), batch_sharding)
