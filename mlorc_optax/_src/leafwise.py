@@ -16,6 +16,21 @@ structure, so that `compress_moments` can still visit one parameter at a time
 `scale_by_leafwise` runs one as an ordinary full-state optax transformation;
 `compress_moments` runs it with the entries named in `moments` stored as
 low-rank factors. At full rank the two agree exactly.
+
+What `compress_moments` relies on:
+
+- For a compressed parameter, `init_leaf` and `update_leaf` see one matrix
+  (m, n) of its view at a time (vmapped at init, mapped at update), and for
+  any other parameter the whole array. So an entry's shape must follow from
+  the shape of the array given (e.g. CAME's row statistics, ``shape[:-1]``),
+  leading axes beyond two must be treated as batch axes, and an entry a
+  parameter does not use should be a placeholder of one element (an empty
+  one does not reshape along batch axes).
+- Entries not named in `moments` are stored as they are: small ones (factored
+  statistics), or a full copy where an approximation would not do (Prodigy's
+  initial parameters; say so in the optimizer's memory notes).
+- Without parameters the summed stats are ``()``; `prepare` and `finalize`
+  must accept that.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -37,7 +52,7 @@ class LeafwiseTransformation(NamedTuple):
     finalize: ``(glob_mid, summed_stats) -> new_glob``.
     moments: names of the entries that are parameter-shaped moments, which
       `compress_moments` may store as factors; other entries are kept as they
-      are (they must not be parameter-sized).
+      are.
     nonnegative: names among `moments` of non-negative moments, repaired
       after reconstruction.
     prepare_leaf: optional ``(g, p, entries, glob) -> pre_stats`` of a
@@ -70,7 +85,9 @@ class LeafwiseState(NamedTuple):
 
 
 def sum_stats(stats: list[Any]) -> Any:
-  """Elementwise sum of a list of equally structured stats trees."""
+  """Elementwise sum of a list of equally structured stats trees; () if empty."""
+  if not stats:
+    return ()
   return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *stats)
 
 
@@ -84,7 +101,7 @@ def run_passes(
   if lw.prepare_leaf is not None:
     glob_mid = lw.prepare(glob, sum_stats([lw.prepare_leaf(g, p, e, glob) for g, p, e in leaves]))
   results = [lw.update_leaf(g, p, e, glob, glob_mid) for g, p, e in leaves]
-  updates, entries, stats = zip(*results)
+  updates, entries, stats = zip(*results) if results else ((), (), ())
   return list(updates), list(entries), lw.finalize(glob_mid, sum_stats(list(stats)))
 
 
