@@ -29,7 +29,7 @@ def test_default_policy_keeps_vectors_small_matrices_and_stacked_biases_full():
       'scanned_kernel': jnp.zeros((6, 256, 512)),
       'scanned_bias': jnp.zeros((6, 512)),  # (layers, d) from nn.scan
       'bias': jnp.zeros(512),
-      'small': jnp.zeros((64, 512)),
+      'small': jnp.zeros((32, 512)),
       'scalar': jnp.zeros(()),
       'step': jnp.zeros((256, 256), jnp.int32),
   }

@@ -24,7 +24,6 @@ from mlorc_optax._src import validation
 from mlorc_optax._src.leafwise import LeafwiseState, LeafwiseTransformation
 from mlorc_optax._src.randomized_svd import LowRankFactors
 
-DEFAULT_MIN_DIM_SIZE = 128
 DEFAULT_OVERSAMPLE = 0
 DEFAULT_POWER_ITERS = 1
 
@@ -136,7 +135,8 @@ def compress_moments(
     compress: which parameters to compress and how to view them as matrices:
       None for `default_view`, or a tree (or callable returning a tree) of
       `MatrixView` / True / False entries, see `resolve_views`.
-    min_dim_size: threshold of the default policy (None: 128).
+    min_dim_size: smallest matrix side the default policy compresses (None:
+      `matrix_view.DEFAULT_MIN_DIM_SIZE`, 64).
     oversample: extra test vectors of the randomized SVD (None: 0).
     power_iters: power iterations of the randomized SVD (None: 1).
     factor_dtype: dtype (or its name) of the stored factors.
@@ -155,8 +155,8 @@ def compress_moments(
     Review 2011.
   """
   rank = validation.check_positive_int('rank', rank)
-  min_dim_size = validation.check_non_negative_int(
-      'min_dim_size', DEFAULT_MIN_DIM_SIZE if min_dim_size is None else min_dim_size)
+  if min_dim_size is not None:
+    min_dim_size = validation.check_non_negative_int('min_dim_size', min_dim_size)
   compressor = matrix_step.Compressor(
       rank=rank,
       oversample=validation.check_non_negative_int(

@@ -75,6 +75,14 @@ def groups(leaves: list[Leaf]) -> list[list[Leaf]]:
   return list(found.values())
 
 
+def _used_inputs(fn: Callable[..., Any], args: list[jax.Array]) -> list[bool]:
+  """Which of the arrays `args` the traced fn(*args) reads."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+  read |= {id(v) for v in jaxpr.outvars}
+  return [id(v) in read for v in jaxpr.invars]
+
+
 def _index(tree: Any, b: jax.Array) -> Any:
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, b, keepdims=False), tree)
 
@@ -90,8 +98,9 @@ def _read(members: tuple[Any, ...], j: jax.Array, b: jax.Array) -> Any:
 MatrixFn = Callable[..., Any]
 
 
-def _map_group(members: list[Leaf], fn: MatrixFn, key: jax.Array, xs: list[Any], after: Any) -> list[Any]:
-  """fn(key, g, p, entries, x) on every matrix of a group; per member, its results stacked.
+def _map_group(members: list[Leaf], fn: MatrixFn, key: jax.Array, xs: list[Any], after: Any):
+  """fn(key, g, p, entries, x) on every matrix of a group: per member its
+  results stacked, and all results stacked.
 
   `xs` holds, per member, extra small inputs with a leading batch axis.
   """
@@ -103,18 +112,31 @@ def _map_group(members: list[Leaf], fn: MatrixFn, key: jax.Array, xs: list[Any],
   small = [(f, x) for (f, _), x in zip(split, xs)]
   small = jax.tree.map(lambda *ys: jnp.concatenate(ys), *small)
   small = xla_steering.serialize_after(after, small)
-  big = tuple((m.g, m.p, others) for m, (_, others) in zip(members, split))
+  big = [jax.tree.flatten((m.g, m.p, others)) for m, (_, others) in zip(members, split)]
+  big_def = big[0][1]
+  columns = list(zip(*[leaves for leaves, _ in big]))  # per array: its members
+
+  def matrix(j, b, i, factors, extra, read):
+    g, p, others = big_def.unflatten([read(n, j, b) for n in range(len(columns))])
+    key_m = jax.random.fold_in(jax.random.fold_in(key, i), b)
+    return fn(key_m, g, p, {**others, **factors}, extra)
+
+  # One switch per array the step reads; an unused one (the parameter, the
+  # gradient in the fill pass) stands as zeros that XLA drops, since every
+  # switch branch is a computation of its own to compile.
+  zeros = lambda n, j, b: jnp.zeros(columns[n][0].shape[1:], columns[n][0].dtype)
+  first = jax.tree.map(lambda x: x[0], small)
+  used = _used_inputs(lambda *arrays: matrix(
+      0, 0, 0, *first, lambda n, j, b: arrays[n]), [zeros(n, 0, 0) for n in range(len(columns))])
+  read = lambda n, j, b: _read(columns[n], j, b) if used[n] else zeros(n, j, b)
 
   def body(carry, x):
     j, b, i, (factors, extra) = x
-    # Separate reads, so that XLA drops an unused one (the parameter, often).
-    g, p, others = (_read(tuple(x[n] for x in big), j, b) for n in range(3))
-    key_m = jax.random.fold_in(jax.random.fold_in(key, i), b)
-    return carry, fn(key_m, g, p, {**others, **factors}, extra)
+    return carry, matrix(j, b, i, factors, extra, read)
 
   _, ys = jax.lax.scan(body, (), (j_of, b_of, i_of, small))
   bounds = np.cumsum([0] + sizes)
-  return [jax.tree.map(lambda y: y[bounds[k]:bounds[k + 1]], ys) for k in range(len(members))]
+  return [jax.tree.map(lambda y: y[bounds[k]:bounds[k + 1]], ys) for k in range(len(members))], ys
 
 
 def map_matrices(
@@ -135,7 +157,6 @@ def map_matrices(
   results, done = {}, ()
   for members in groups(leaves):
     extra = [None if xs is None else xs[m.index] for m in members]
-    outs = _map_group(members, fn, key, extra, done)
+    outs, done = _map_group(members, fn, key, extra, done)
     results.update({m.index: out for m, out in zip(members, outs)})
-    done = outs
   return results
