@@ -1,6 +1,5 @@
 """Applying updates to bfloat16 parameters with stochastic rounding."""
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
