@@ -1,6 +1,5 @@
 """Applying updates to bfloat16 parameters with stochastic rounding."""
 
-
 import jax
 import jax.numpy as jnp
 import optax
