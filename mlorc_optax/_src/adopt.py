@@ -133,7 +133,8 @@ def scale_by_adopt(
       matrices: None for `default_view`, or a tree (or a callable returning
       one) of `MatrixView` / True / False entries, see `resolve_views`.
     min_dim_size: the default policy compresses a parameter whose last two
-      axes both have at least this many entries; None for 128.
+      axes both have at least this many entries; None for the library default
+      (`matrix_view.DEFAULT_MIN_DIM_SIZE`, 64).
     oversample: extra test vectors of the randomized SVD; None for 0.
     power_iters: power iterations of the randomized SVD; None for 1.
     factor_dtype: dtype (or its name) of the stored factors.
@@ -241,7 +242,7 @@ def adopt(
     rank: rank of the stored moments.
     compress: which parameters to compress, and how; see `compress_moments`.
     min_dim_size: smallest matrix side the default policy compresses; None
-      for 128.
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD; None for 0.
     power_iters: power iterations of the randomized SVD; None for 1.
     factor_dtype: dtype (or its name) of the stored factors.
