@@ -1,6 +1,6 @@
 """The published MLorc-AdamW algorithm in PyTorch, as a speed reference.
 
-Written by us from the paper and SPEC.md: per matrix, reconstruct both
+Written by us from the paper (arXiv 2506.01897): per matrix, reconstruct both
 moments, repair the second, update, and recompress each with
 ``torch.pca_lowrank(q=rank, center=False, niter=1)``. Optional: needs torch.
 """

@@ -140,7 +140,7 @@ def state_bytes(optimizer: nnx.Optimizer) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in leaves if hasattr(x, 'dtype')))
 
 
-def train(model, tx, data, steps, args, seed, progress, wrt=nnx.Param):
+def train(model, tx, data, steps, progress, wrt=nnx.Param):
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
 
   @nnx.jit
@@ -196,7 +196,7 @@ def main(argv=None):
   runs = optimizers(ft_steps)
   progress = tqdm(total=pre_steps + ft_steps * len(runs), desc='training', disable=None)
   model = CharTransformer(d, layers, heads, seq, nnx.Rngs(0))
-  pre_losses, _, _ = train(model, optax.adamw(3e-3), batches(pre, batch, seq, 0), pre_steps, args, 0, progress)
+  pre_losses, _, _ = train(model, optax.adamw(3e-3), batches(pre, batch, seq, 0), pre_steps, progress)
   pretrained = nnx.state(model)
   graphdef = nnx.graphdef(model)
   base_loss = evaluate(model, batches(ft_test, batch, seq, 99), eval_batches)
@@ -212,7 +212,7 @@ def main(argv=None):
     else:
       wrt = nnx.Param
     losses, step_s, optimizer = train(
-        model, make(), batches(ft_train, batch, seq, 1), ft_steps, args, 1, progress, wrt=wrt
+        model, make(), batches(ft_train, batch, seq, 1), ft_steps, progress, wrt=wrt
     )
     held_out = evaluate(model, batches(ft_test, batch, seq, 99), eval_batches)
     curves[name] = losses

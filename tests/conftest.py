@@ -1,8 +1,9 @@
 """pytest configuration. Test helpers live in helpers.py (`from helpers import ...`)."""
 
-# Run as a script by test_sharding.py (it sets the device count before jax is
-# imported); --doctest-modules must not import it into the test process.
-collect_ignore = ['multidevice_run.py']
+# Scripts run in a subprocess by the multi-device tests: they set the device
+# count (XLA_FLAGS) before jax is imported, so --doctest-modules must not
+# import them into the test process (its later subprocesses would inherit it).
+collect_ignore_glob = ['*multidevice_run.py']
 
 # Transitional: test files not yet moved to `from helpers import ...`.
 from helpers import COMPRESS_ALL, gradient, make_params  # noqa: E402,F401

@@ -2,9 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import mlorc_optax as mlorc
+from helpers import OPTIMIZER_FACTORIES
 
 
 @pytest.mark.parametrize(
@@ -14,14 +16,17 @@ import mlorc_optax as mlorc
         (dict(rank=-3), ValueError, '`rank`'),
         (dict(rank=2.0), TypeError, '`rank`'),
         (dict(rank='4'), TypeError, '`rank`'),
+        (dict(rank=True), TypeError, '`rank`'),
+        (dict(rank=np.float32(4)), TypeError, '`rank`'),
         (dict(b1=1.0), ValueError, '`b1`'),
         (dict(b1=-0.1), ValueError, '`b1`'),
         (dict(b2=1.5), ValueError, '`b2`'),
         (dict(eps=-1e-8), ValueError, '`eps`'),
         (dict(eps_root=-1.0), ValueError, '`eps_root`'),
-        (dict(oversample=-1), ValueError, '`oversample`'),
-        (dict(power_iters=-1), ValueError, '`power_iters`'),
+        (dict(oversample=-1), ValueError, '`oversample` must be a non-negative int'),
+        (dict(power_iters=-1), ValueError, '`power_iters` must be a non-negative int'),
         (dict(min_dim_size=-1), ValueError, '`min_dim_size`'),
+        (dict(min_dim_size=1.5), TypeError, '`min_dim_size`'),
         (dict(factor_dtype='int32'), ValueError, '`factor_dtype`'),
         (dict(factor_dtype='not-a-dtype'), TypeError, '`factor_dtype`'),
     ],
@@ -35,6 +40,32 @@ def test_bad_hyperparameters_fail_when_built(kwargs, error, match):
 def test_lion_validates_too(kwargs, match):
   with pytest.raises(ValueError, match=match):
     mlorc.lion(1e-4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(rank=0), '`rank`'),
+        (dict(oversample=-1), '`oversample`'),
+        (dict(power_iters=-2), '`power_iters`'),
+        (dict(min_dim_size=-1), '`min_dim_size`'),
+    ],
+)
+@pytest.mark.parametrize('name,factory', OPTIMIZER_FACTORIES, ids=[n for n, _ in OPTIMIZER_FACTORIES])
+def test_every_optimizer_refuses_bad_mlorc_options_by_init(name, factory, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    factory(**kwargs).init({'w': jnp.zeros((8, 8))})
+
+
+def test_integer_likes_are_accepted_and_returned_as_ints():
+  from mlorc_optax._src import validation
+
+  for value in (4, np.int64(4), np.uint8(4), jnp.asarray(4)):
+    got = validation.check_positive_int('rank', value)
+    assert got == 4 and type(got) is int
+  assert validation.check_non_negative_int('oversample', np.int32(0)) == 0
+  with pytest.raises(ValueError, match='`rank` must be a positive int'):
+    validation.check_positive_int('rank', np.int64(0))
 
 
 def test_bad_compress_entries_fail_at_init():

@@ -2,15 +2,18 @@
 
 MLorc-Adam at rank 2-4 against a NumPy transcription (reconstruct, repair,
 Adam step, exact truncated SVD); the repair's chunked fill against the fill
-of the whole reconstruction; warm start against a cold sketch.
+of the whole reconstruction; warm start against a cold sketch; the atan2
+option (Adam-atan2) against its NumPy transcription.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mlorc_optax as mlorc
+from mlorc_optax._src import adam_atan2
 from mlorc_optax._src import repair
 
 
@@ -133,3 +136,65 @@ def test_warm_start_feeds_the_previous_right_factor():
   warm, cold = sin_angles(True), sin_angles(False)
   assert np.median(warm) < 0.15, warm
   assert np.median(cold) > 0.3, cold
+
+
+def adam_atan2_reference(grads, b1=0.9, b2=0.999):
+  """Adam-atan2 in float64 NumPy: (4/pi) atan2(m / (1 - b1^t), sqrt(v / (1 - b2^t)))."""
+  m = v = np.zeros_like(grads[0])
+  updates = []
+  for t, g in enumerate(grads, start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    updates.append(4 / np.pi * np.arctan2(m / (1 - b1**t), np.sqrt(v / (1 - b2**t))))
+  return updates
+
+
+def test_adam_atan2_transformation_matches_a_numpy_transcription():
+  rng = np.random.default_rng(0)
+  shape = (9, 7)
+  grads = [rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3, shape) for _ in range(6)]
+  for g in grads[:3]:
+    g[0, 0] = 0.0  # atan2(0, 0) = 0 while a gradient has always been 0
+  want = adam_atan2_reference(grads, b1=0.8, b2=0.95)
+  with jax.enable_x64(True):
+    tx = adam_atan2.scale_by_adam_atan2(b1=0.8, b2=0.95)
+    state, update = tx.init(jnp.zeros(shape)), jax.jit(tx.update)
+    for g, u_want in zip(grads, want):
+      u, state = update(jnp.asarray(g), state)
+      np.testing.assert_allclose(u, u_want, rtol=1e-12, atol=1e-15)
+  assert isinstance(state, optax.ScaleByAdamState)
+  assert want[0][0, 0] == 0.0 and np.max(np.abs(want)) <= 2.0
+
+
+def test_mlorc_adamw_with_atan2_at_full_rank_matches_the_transcription():
+  rng = np.random.default_rng(1)
+  shape = (9, 7)
+  grads = [rng.standard_normal(shape) * 10.0 ** rng.uniform(-1, 1, shape) for _ in range(6)]
+  want = adam_atan2_reference(grads, b1=0.8, b2=0.95)
+  with jax.enable_x64(True):
+    # rank 7 = min(m, n): the factors hold the moments exactly.
+    tx = mlorc.adamw(
+        0.1, b1=0.8, b2=0.95, weight_decay=0.0, atan2=True, rank=7, compress=True,
+        factor_dtype='float64',
+    )
+    params = {'w': jnp.zeros(shape)}
+    state, update = tx.init(params), jax.jit(tx.update)
+    assert isinstance(state[0].inner_state.nu['w'], mlorc.LowRankFactors)
+    for g, u_want in zip(grads, want):
+      u, state = update({'w': jnp.asarray(g)}, state, params)
+      np.testing.assert_allclose(u['w'], -0.1 * u_want, rtol=1e-9, atol=1e-12)
+
+
+def test_adam_atan2_keeps_the_second_moment_repair():
+  """The atan2 state is optax's ScaleByAdamState: its `nu` is repaired."""
+  tx = mlorc.scale_by_adam(atan2=True, rank=2, compress=True)
+  state = tx.init({'w': jnp.zeros((24, 16))})
+  seen_negative = False
+  update = jax.jit(tx.update)
+  for t in range(4):
+    g = {'w': jax.random.normal(jax.random.key(t), (24, 16))}
+    seen_negative |= bool(jnp.any(mlorc.reconstruct(state.inner_state.nu['w']) < 0))
+    u, state = update(g, state)
+    # A negative v would make sqrt NaN; repaired, |u| stays within its bound.
+    assert bool(jnp.all(jnp.abs(u['w']) <= 2.0))
+  assert seen_negative

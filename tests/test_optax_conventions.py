@@ -1,4 +1,11 @@
-"""MLorc transformations behave like optax citizens inside chains and wrappers."""
+"""MLorc optimizers behave like optax citizens inside chains and wrappers.
+
+The first tests run over every optimizer the library exports (as optax's
+shared contrib tests do); the rest look at adamw and the scale_by_ blocks.
+"""
+
+import functools
+import inspect
 
 import chex
 import jax
@@ -8,27 +15,122 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from helpers import COMPRESS_ALL, gradient, make_params
+from helpers import COMPRESS_ALL, OPTIMIZER_FACTORIES, OPTIMIZER_NAMES, gradient, make_params
+
+FACTORIES = dict(OPTIMIZER_FACTORIES)
+# Arguments that fix shapes or are callables, where an optimizer has them:
+# the only ones a user lists in inject_hyperparams' static_args.
+UNINJECTABLE = ('rank', 'clip_value_fn')
 
 
 def _tx(**kw):
   return mlorc.adamw(1e-2, rank=2, compress=COMPRESS_ALL, **kw)
 
 
-def test_accepts_extra_args_and_compiles_once():
-  params = make_params(jax.random.key(0))
-  tx = _tx()
+@functools.cache
+def _plain(name):
+  """The optimizer at rank 2 with every matrix compressed, and its jitted update."""
+  tx = FACTORIES[name](rank=2, compress=COMPRESS_ALL)
+  return tx, jax.jit(tx.update)
+
+
+def _all_zero(tree):
+  return all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(tree))
+
+
+def _dense(state):
+  """The state with factors multiplied out (their signs are arbitrary)."""
+  is_factors = lambda x: isinstance(x, mlorc.LowRankFactors)
+  return jax.tree.map(lambda x: mlorc.reconstruct(x) if is_factors(x) else x, state, is_leaf=is_factors)
+
+
+def _avals(tree):
+  return jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, 'weak_type', False)), jax.eval_shape(lambda: tree))
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('name', OPTIMIZER_NAMES)
+def test_extra_args_one_compilation_and_a_stable_state(name, dtype):
+  params = make_params(jax.random.key(0), dtype)
+  tx = FACTORIES[name](rank=2, compress=COMPRESS_ALL)
   traces = []
 
   @jax.jit
-  def update(g, state, p):
+  def step(params, state, pred):
     traces.append(None)
-    return tx.update(g, state, p, loss=jnp.float32(1.0), unused_extra=3)
+    grads = gradient(params, 0)
+    # lax.cond needs both branches to agree on every shape and dtype, so a
+    # state whose types drift from step to step fails here (as in optax's tests).
+    updates, state = jax.lax.cond(
+        pred,
+        lambda: tx.update(grads, state, params, loss=jnp.float16(1.0), unexpected_extra_arg=3),
+        lambda: (jax.tree.map(jnp.zeros_like, params), state),
+    )
+    return optax.apply_updates(params, updates), state, updates
 
   state = tx.init(params)
-  for t in range(3):
-    _, state = update(gradient(params, t), state, params)
-  assert len(traces) == 1
+  init_avals = _avals(state)
+  for _ in range(3):
+    params, state, updates = step(params, state, jnp.asarray(True))
+  assert len(traces) == 1  # compiled once: the state keeps its types
+  assert _avals(state) == init_avals
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.dtype == p.dtype == jnp.dtype(dtype)
+  assert not _all_zero(updates)
+
+
+@pytest.mark.parametrize('name', OPTIMIZER_NAMES)
+def test_inject_hyperparams_needs_only_rank_static(name):
+  factory = FACTORIES[name]
+  static = tuple(a for a in UNINJECTABLE if a in inspect.signature(factory).parameters)
+  injected = optax.inject_hyperparams(factory, static_args=static)(rank=2, compress=COMPRESS_ALL)
+  tx, update = _plain(name)
+  params = make_params(jax.random.key(0))
+  s_inj, s_plain = jax.jit(injected.init)(params), tx.init(params)
+  assert 'learning_rate' in s_inj.hyperparams
+  update_inj = jax.jit(injected.update)
+  for t in range(2):
+    u_inj, s_inj = update_inj(gradient(params, t), s_inj, params)
+    u_plain, s_plain = update(gradient(params, t), s_plain, params)
+    chex.assert_trees_all_close(u_inj, u_plain, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(_dense(s_inj.inner_state), _dense(s_plain), rtol=1e-4, atol=1e-6)
+  # A changed learning rate takes effect without recompiling.
+  s_inj.hyperparams['learning_rate'] = jnp.zeros_like(s_inj.hyperparams['learning_rate'])
+  u_zero, _ = update_inj(gradient(params, 2), s_inj, params)
+  assert _all_zero(u_zero)
+
+
+@pytest.mark.parametrize('name', OPTIMIZER_NAMES)
+def test_multisteps_first_update_is_zero_then_the_mean_gradients(name):
+  tx, update = _plain(name)
+  params = make_params(jax.random.key(0))
+  multi = optax.MultiSteps(tx, every_k_schedule=2)
+  multi_update = jax.jit(multi.update)
+  state = multi.init(params)
+  g0, g1 = gradient(params, 0), gradient(params, 1)
+  u0, state = multi_update(g0, state, params)
+  assert _all_zero(u0)
+  u1, state = multi_update(g1, state, params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
+  want, _ = update(mean, tx.init(params), params)
+  chex.assert_trees_all_close(u1, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('name', OPTIMIZER_NAMES)
+def test_tree_map_params_reaches_every_factor(name):
+  tx, _ = _plain(name)
+  params = make_params(jax.random.key(0))
+  state = tx.init(params)
+  chex.assert_trees_all_equal(optax.tree.map_params(tx, lambda x: x, state), state)
+  is_factors = lambda x: isinstance(x, mlorc.LowRankFactors)
+  assert any(is_factors(x) for x in jax.tree.leaves(state, is_leaf=is_factors))
+  # Every factor triple sits in a parameter-shaped subtree, where map_params
+  # (and with it nnx.Optimizer's sharding metadata) finds it.
+  tagged = optax.tree.map_params(
+      tx, lambda x, path: path, state, {k: k for k in params},
+      is_leaf=is_factors, transform_non_params=lambda _: None,
+  )
+  assert not any(is_factors(x) for x in jax.tree.leaves(tagged, is_leaf=is_factors))
 
 
 def test_reproducible_from_seed_and_fresh_sketch_per_leaf_and_step():
@@ -73,24 +175,24 @@ def test_inject_hyperparams_with_static_shape_args():
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(u_zero))
 
 
+def test_inject_hyperparams_with_only_rank_static_and_the_default_policy():
+  """optax's way of wrapping its contributed optimizers: only `rank` static.
+  The None defaults stay static, the int seed is traced."""
+  params = {'w': jax.random.normal(jax.random.key(0), (128, 128)), 'b': jnp.zeros(128)}
+  injected = optax.inject_hyperparams(mlorc.adamw, static_args=('rank',))(learning_rate=1e-3, rank=4)
+  state = injected.init(params)
+  assert 'seed' in state.hyperparams  # traced, and accepted
+  assert state.inner_state[0].inner_state.mu['w'].u.shape == (128, 4)
+  updates, state = jax.jit(injected.update)(gradient(params, 0), state, params)
+  plain = mlorc.adamw(1e-3, rank=4)
+  want, _ = plain.update(gradient(params, 0), plain.init(params), params)
+  chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-9)
+
+
 def test_inject_hyperparams_rejects_a_traced_rank_with_advice():
   factory = optax.inject_hyperparams(mlorc.adam)(learning_rate=1e-2, rank=2)
   with pytest.raises(TypeError, match='static_args'):
-    factory.init({'w': jnp.zeros((8, 8))})
-
-
-def test_multisteps_first_update_is_zero_and_accumulates():
-  params = make_params(jax.random.key(0))
-  multi = optax.MultiSteps(_tx(), every_k_schedule=2)
-  state = multi.init(params)
-  g0, g1 = gradient(params, 0), gradient(params, 1)
-  u0, state = multi.update(g0, state, params)
-  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(u0))
-  u1, state = multi.update(g1, state, params)
-  single = _tx()
-  mean = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
-  want, _ = single.update(mean, single.init(params), params)
-  chex.assert_trees_all_close(u1, want, rtol=1e-5, atol=1e-7)
+    jax.jit(factory.init)({'w': jnp.zeros((8, 8))})
 
 
 def test_apply_if_finite_leaves_state_untouched_on_nan_gradients():

@@ -27,8 +27,8 @@ def _as_int(name: str, value: Any) -> int:
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
         f'`{name}` must be a Python int, got a traced value {value!r}. Under '
-        f'`optax.inject_hyperparams`, list {name!r} in `static_args` (e.g. '
-        f'`static_args=mlorc.STATIC_ARGS`) so that it stays a Python int.'
+        f'`optax.inject_hyperparams`, list {name!r} in `static_args` so that '
+        'it stays a Python int.'
     )
   if isinstance(value, (bool, jnp.bool_)):
     raise TypeError(f'`{name}` must be an int, got the bool {value!r}.')
