@@ -66,7 +66,7 @@ def adam(
     rank: rank of the stored moments.
     compress: which parameters to compress, and how; see `compress_moments`.
     min_dim_size: smallest matrix side the default policy compresses; None
-      for 128.
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD; None for 0.
     power_iters: power iterations of the randomized SVD; None for 1.
     factor_dtype: dtype (or its name) of the stored factors.
@@ -148,7 +148,7 @@ def adamw(
     rank: rank of the stored moments.
     compress: which parameters to compress, and how; see `compress_moments`.
     min_dim_size: smallest matrix side the default policy compresses; None
-      for 128.
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD; None for 0.
     power_iters: power iterations of the randomized SVD; None for 1.
     factor_dtype: dtype (or its name) of the stored factors.
@@ -220,7 +220,7 @@ def lion(
     rank: rank of the stored momentum.
     compress: which parameters to compress, and how; see `compress_moments`.
     min_dim_size: smallest matrix side the default policy compresses; None
-      for 128.
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD; None for 0.
     power_iters: power iterations of the randomized SVD; None for 0 (Lion's
       reference default).

@@ -87,7 +87,8 @@ def scale_by_adam(
       matrices: None for `default_view`, or a tree (or a callable returning
       one) of `MatrixView` / True / False entries, see `resolve_views`.
     min_dim_size: the default policy compresses a parameter whose last two
-      axes both have at least this many entries; None for 128.
+      axes both have at least this many entries; None for the library
+      default (`matrix_view.DEFAULT_MIN_DIM_SIZE`, 64).
     oversample: extra test vectors of the randomized SVD; None for 0.
     power_iters: power iterations of the randomized SVD; None for 1, as in
       the MLorc reference code.
@@ -174,7 +175,8 @@ def scale_by_lion(
       matrices: None for `default_view`, or a tree (or a callable returning
       one) of `MatrixView` / True / False entries, see `resolve_views`.
     min_dim_size: the default policy compresses a parameter whose last two
-      axes both have at least this many entries; None for 128.
+      axes both have at least this many entries; None for the library
+      default (`matrix_view.DEFAULT_MIN_DIM_SIZE`, 64).
     oversample: extra test vectors of the randomized SVD; None for 0.
     power_iters: power iterations of the randomized SVD; None for 0, as in
       the MLorc reference code for Lion.
