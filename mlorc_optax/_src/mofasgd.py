@@ -43,14 +43,13 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from mlorc_optax._src import flax_adapter
-from mlorc_optax._src.compress_moments import DEFAULT_MIN_DIM_SIZE, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
+from mlorc_optax._src.compress_moments import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
 from mlorc_optax._src.randomized_svd import (
     LowRankFactors, _gram, _left_product, _right_product, _spec, orthonormalize,
     randomized_svd, reconstruct,
 )
-
 from mlorc_optax._src.xla_steering import serialize_after
 
 _INITS = ('zero', 'params')
@@ -286,7 +285,7 @@ def _check_args(rank, b, eta1, eta2, max_inverse, eps, init, adam_b1, adam_b2, a
   for name, value in (('eta1', eta1), ('eta2', eta2), ('eps', eps), ('adam_eps', adam_eps), ('adam_eps_root', adam_eps_root)):
     validation.check_non_negative(name, value)
   if max_inverse is not None:
-    validation.check_non_negative(name='max_inverse', value=max_inverse)
+    validation.check_non_negative('max_inverse', max_inverse)
   if init not in _INITS:
     raise ValueError(f'`init` must be one of {_INITS}, got {init!r}.')
 
@@ -384,7 +383,8 @@ def scale_by_mofasgd(
     adam_eps_root: Adam's eps_root for the non-matrix parameters.
     compress: which parameters are matrices and how they are viewed, as in
       `compress_moments` (None: `default_view`).
-    min_dim_size: threshold of the default policy (None: 128).
+    min_dim_size: smallest matrix side the default policy takes as a matrix
+      (None: `matrix_view.DEFAULT_MIN_DIM_SIZE`, 64).
     oversample: oversampling of the initial SVD with ``init='params'``
       (None: 0); unused otherwise.
     power_iters: power iterations of the initial SVD with ``init='params'``
@@ -403,8 +403,8 @@ def scale_by_mofasgd(
     Large Language Model Adaptation, arXiv 2506.01897.
   """
   _check_args(rank, b, eta1, eta2, max_inverse, eps, init, adam_b1, adam_b2, adam_eps, adam_eps_root)
-  min_dim_size = validation.check_non_negative_int(
-      'min_dim_size', DEFAULT_MIN_DIM_SIZE if min_dim_size is None else min_dim_size)
+  if min_dim_size is not None:
+    min_dim_size = validation.check_non_negative_int('min_dim_size', min_dim_size)
   oversample = validation.check_non_negative_int(
       'oversample', DEFAULT_OVERSAMPLE if oversample is None else oversample)
   power_iters = validation.check_non_negative_int(
@@ -656,6 +656,5 @@ def mofasgd(
   )
   if adam_learning_rate is None:
     return optax.chain(inner, optax.scale_by_learning_rate(learning_rate))
-  threshold = DEFAULT_MIN_DIM_SIZE if min_dim_size is None else min_dim_size
-  views_of = lambda tree: mv.resolve_views(tree, compress, rank, threshold)
+  views_of = lambda tree: mv.resolve_views(tree, compress, rank, min_dim_size)
   return optax.chain(inner, _scale_by_learning_rates(learning_rate, adam_learning_rate, views_of))
