@@ -189,18 +189,18 @@ def compress_moments(
     wrapped = _wrap(inner, nonnegative)
     lw = wrapped.lw
     leaves, params_def = jax.tree.flatten(params)
-    views = params_def.flatten_up_to(views_of(params)) if leaves else []
+    count = jnp.zeros([], jnp.int32)
+    if not leaves:  # no parameters, or optax.tree.map_params's placeholder
+      names = jax.eval_shape(lw.init_leaf, jax.ShapeDtypeStruct((2, 2), jnp.float32))
+      entries = {n: params for n in names}
+      return CompressedMomentsState(count, wrapped.state(entries, lw.init_global(params), count))
+    views = params_def.flatten_up_to(views_of(params))
     key = jax.random.fold_in(jax.random.key(seed), 0)
     per_leaf = [
         init_leaf(lw, leaf, view, jax.random.fold_in(key, i * len(lw.moments)))
         for i, (leaf, view) in enumerate(zip(leaves, views))
     ]
-    names = per_leaf[0].keys() if per_leaf else lw.init_leaf(jnp.zeros([])).keys()
-    entries = {
-        n: flax_adapter.place(params, [e[n] for e in per_leaf], views) if per_leaf else {}
-        for n in names
-    }
-    count = jnp.zeros([], jnp.int32)
+    entries = {n: flax_adapter.place(params, [e[n] for e in per_leaf], views) for n in per_leaf[0]}
     return CompressedMomentsState(count, wrapped.state(entries, lw.init_global(params), count))
 
   def update_fn(updates, state, params=None, **extra_args):
