@@ -13,7 +13,7 @@ from mlorc_optax._src.grams import grams
 from mlorc_optax._src.matrix_view import MatrixView, default_view, resolve_views
 from mlorc_optax._src.mofasgd import ScaleByMoFaSGDState, mofasgd, scale_by_mofasgd
 from mlorc_optax._src.orthograd import orthograd
-from mlorc_optax._src.prodigy import ProdigyGlobalState, prodigy, scale_by_prodigy
+from mlorc_optax._src.prodigy import PRODIGY_STATIC_ARGS, ProdigyGlobalState, prodigy, scale_by_prodigy
 from mlorc_optax._src.randomized_svd import LowRankFactors, randomized_svd, reconstruct
 from mlorc_optax._src.repair import repair_nonnegative
 from mlorc_optax._src.stochastic_rounding import apply_updates_stochastic
@@ -25,6 +25,7 @@ __version__ = '0.1.0'
 __all__ = (
     'ADOPT_STATIC_ARGS',
     'DADAPT_LION_STATIC_ARGS',
+    'PRODIGY_STATIC_ARGS',
     'STATIC_ARGS',
     'CautiousWeightDecayState',
     'CompressedMomentsState',

@@ -82,9 +82,9 @@ CONFIGS = {
 
 VARIANTS = {
     'leafwise': lambda lr, **kw: scale_by_leafwise(dadapt_lion_leafwise(lr, **kw)),
-    'uncompressed': lambda lr, **kw: mlorc.dadapt_lion(lr, **kw, compress=False),
+    'uncompressed': lambda lr, **kw: mlorc.dadapt_lion(lr, **kw, s_stride=1, compress=False),
     'full_rank': lambda lr, **kw: mlorc.dadapt_lion(
-        lr, **kw, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'
+        lr, **kw, s_stride=1, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'
     ),
 }
 
@@ -144,6 +144,9 @@ def test_s_stride():
   # the subsample changes d a little, not much
   _, d_full, _ = _reference(leaves, STEPS, lambda k: lr, (0.8, 0.95), 0.5, 1e-4)
   assert d != d_full and abs(d / d_full - 1) < 0.5
+  # the default keeps s on every 11th entry, as the MLorc reference package
+  state = mlorc.dadapt_lion(rank=2, compress=True).init({'w': jnp.zeros((12, 8))})
+  assert state.inner_state.entries['s']['w'].shape == (9,)  # ceil(96 / 11)
 
 
 def test_inject_hyperparams_with_s_stride():

@@ -23,11 +23,11 @@ CONFIGS = {
     ),
 }
 
-VARIANTS = {
+VARIANTS = {  # s_stride=1: optax's exact estimate of d
     'leafwise': lambda **kw: scale_by_leafwise(prodigy_leafwise(**kw)),
-    'uncompressed': lambda **kw: mlorc.prodigy(**kw, compress=False),
+    'uncompressed': lambda **kw: mlorc.prodigy(**kw, s_stride=1, compress=False),
     'full_rank': lambda **kw: mlorc.prodigy(
-        **kw, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'
+        **kw, s_stride=1, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'
     ),
 }
 
@@ -75,19 +75,74 @@ def test_trajectory_equals_optax_contrib_prodigy(config_name, variant):
   assert int(g.count) == STEPS
   if variant == 'full_rank':
     entries = _leafwise_state(state).entries
-    for name in ('exp_avg', 'exp_avg_sq', 'grad_sum'):
+    for name in ('exp_avg', 'exp_avg_sq'):
       assert isinstance(entries[name]['w'], mlorc.LowRankFactors)
       assert isinstance(entries[name]['stack'], mlorc.LowRankFactors)
       assert not isinstance(entries[name]['b'], mlorc.LowRankFactors)
-    # the initial parameters are kept in full
+    # s and the initial parameters are kept as they are
+    chex.assert_trees_all_close(entries['grad_sum'], ref_state.grad_sum, atol=1e-9)
     chex.assert_trees_all_equal(entries['params0'], params)
+
+
+def _numpy_prodigy(params, steps, stride):
+  """optax.contrib.prodigy (default hyperparameters) in float64 NumPy, with
+  s and w0 on every stride-th entry of each flattened parameter."""
+  beta1, beta2, beta3, eps, d0 = 0.9, 0.999, 0.999**0.5, 1e-8, 1e-6
+  params = [np.array(p, np.float64) for p in params]
+  sub = lambda x: x.ravel()[::stride]
+  m = [np.zeros_like(p) for p in params]
+  v = [np.zeros_like(p) for p in params]
+  s = [np.zeros_like(sub(p)) for p in params]
+  p0 = [sub(p).copy() for p in params]
+  d, r = d0, 0.0
+  for t in range(steps):
+    grads = [np.sin(p * (t + 1.0)) + 0.1 * p + 0.01 * t for p in params]
+    dlr = d * (1 - beta2 ** (t + 1)) ** 0.5 / (1 - beta1 ** (t + 1))
+    r = beta3 * r + (d / d0) * dlr * sum(np.dot(sub(g), a - sub(p)) for g, a, p in zip(grads, p0, params))
+    s = [beta3 * si + dlr * d * sub(g) / d0 for si, g in zip(s, grads)]
+    d_new = max(d, r / sum(np.abs(si).sum() for si in s))
+    for i, g in enumerate(grads):
+      m[i] = beta1 * m[i] + (1 - beta1) * d * g
+      v[i] = beta2 * v[i] + (1 - beta2) * d * d * g * g
+      params[i] = params[i] - dlr * m[i] / (np.sqrt(v[i]) + d_new * eps)
+    d = d_new
+  return params, d
+
+
+@pytest.mark.filterwarnings('ignore:`compress` asks for rank')
+def test_s_stride():
+  """s and w0 on every 3rd entry: the leafwise runner equals a NumPy Prodigy
+  with the same subsample, MLorc at full rank equals the runner (scanned
+  layers too), and d stays near the exact one."""
+  with jax.enable_x64(True):
+    params = make_params(jax.random.key(0), jnp.float64)
+    flat = {k: v for k, v in params.items() if k != 'stack'}  # one matrix each
+    got, state = _run(scale_by_leafwise(prodigy_leafwise(s_stride=3)), flat, STEPS)
+    leaves, treedef = jax.tree.flatten(flat)
+    want, d = _numpy_prodigy(leaves, STEPS, 3)
+    chex.assert_trees_all_close(got, treedef.unflatten(want), atol=1e-9, rtol=0)
+    np.testing.assert_allclose(float(state.global_state.estim_lr), d, rtol=1e-9)
+    assert state.entries['params0']['w'].shape == state.entries['grad_sum']['w'].shape == (32,)
+
+    full, _ = _run(scale_by_leafwise(prodigy_leafwise(s_stride=3)), params, STEPS)
+    ours, state = _run(
+        mlorc.prodigy(s_stride=3, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'),
+        params, STEPS,
+    )
+  chex.assert_trees_all_close(ours, full, atol=1e-9, rtol=0)
+  assert state.inner_state.entries['grad_sum']['stack'].shape == (3, 30)  # ceil(90 / 3) per layer
+  _, d_exact = _numpy_prodigy(leaves, STEPS, 1)
+  assert d != d_exact and 0.5 < d / d_exact < 2  # (a 32-entry subsample here)
+  # the default keeps them on every 11th entry, as the MLorc reference package
+  state = mlorc.prodigy(rank=2, compress=True).init({'w': jnp.zeros((12, 8))})
+  assert state.inner_state.entries['params0']['w'].shape == (9,)  # ceil(96 / 11)
 
 
 def test_step_size_estimate_grows():
   """The trajectory tests above are only meaningful if d moves."""
   with jax.enable_x64(True):
     params = make_params(jax.random.key(0), jnp.float64)
-    _, state = _run(mlorc.prodigy(compress=False), params, STEPS)
+    _, state = _run(mlorc.prodigy(s_stride=1, compress=False), params, STEPS)
   assert float(_leafwise_state(state).global_state.estim_lr) > 2e-6
 
 
@@ -97,7 +152,7 @@ def test_low_rank_runs_and_estimates_d():
   params = {'w': jax.random.normal(jax.random.key(0), (48, 32)), 'b': jnp.zeros(32)}
   loss = lambda p: sum(float(jnp.sum((x - 1.0) ** 2)) for x in jax.tree.leaves(p))
   d = {}
-  for name, tx in [('low', mlorc.prodigy(rank=2, compress=True)), ('full', mlorc.prodigy(compress=False))]:
+  for name, tx in [('low', mlorc.prodigy(rank=2, compress=True)), ('full', mlorc.prodigy(s_stride=1, compress=False))]:
     p, state = params, tx.init(params)
     update = jax.jit(tx.update)
     for _ in range(15):
@@ -111,7 +166,7 @@ def test_low_rank_runs_and_estimates_d():
 
 def test_params0_dtype():
   params = make_params(jax.random.key(0))
-  tx = mlorc.prodigy(params0_dtype='bfloat16', compress=False)
+  tx = mlorc.prodigy(params0_dtype='bfloat16', s_stride=1, compress=False)
   state = tx.init(params)
   p0 = _leafwise_state(state).entries['params0']
   assert p0['w'].dtype == jnp.bfloat16
@@ -147,7 +202,7 @@ def test_empty_parameters():
 def test_inject_hyperparams():
   params = make_params(jax.random.key(0))
   schedule = optax.linear_schedule(1.0, 0.5, 4)
-  injected = optax.inject_hyperparams(mlorc.prodigy, static_args=mlorc.STATIC_ARGS)(
+  injected = optax.inject_hyperparams(mlorc.prodigy, static_args=mlorc.PRODIGY_STATIC_ARGS)(
       learning_rate=schedule, weight_decay=0.1, compress=False,
   )
   plain = mlorc.prodigy(schedule, weight_decay=0.1, compress=False)

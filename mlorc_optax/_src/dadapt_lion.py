@@ -10,9 +10,9 @@ MLorc compresses the momentum. The sum s is parameter-shaped too but is not
 compressed: d is a ratio of sums over s and the signs c, and a rank-r
 approximation of these sign averages shrinks both sums unevenly (on a
 two-layer MLP at rank 4, d came out 4.5x smaller and grew 50 steps later).
-To save its memory, `s_stride` keeps s on every k-th entry of each matrix
-instead (as the MLorc_optim package's ``slice_p``): both sums shrink by the
-same factor, and d stays close (within 1% there at k = 11).
+To save its memory, s is kept on every k-th entry of each matrix instead
+(`s_stride`, default 11 as the MLorc reference package's ``slice_p``): both
+sums shrink by the same factor, and d stays close (within 1% there).
 """
 
 from typing import Any, NamedTuple
@@ -26,7 +26,7 @@ from mlorc_optax._src import validation
 from mlorc_optax._src.compress_moments import compress_moments
 from mlorc_optax._src.leafwise import LeafwiseTransformation
 from mlorc_optax._src.alias import STATIC_ARGS
-from mlorc_optax._src.prodigy import check_positive
+from mlorc_optax._src.d_adaptation import check_positive, resolve_s_stride, strided
 
 # Under optax.inject_hyperparams, `s_stride` (an int that fixes a shape) must
 # stay static too: `inject_hyperparams(mlorc.dadapt_lion, static_args=mlorc.DADAPT_LION_STATIC_ARGS)`.
@@ -47,15 +47,6 @@ class DAdaptLionGlobalState(NamedTuple):
   count: jax.Array
   estim_lr: jax.Array
   numerator_weighted: jax.Array
-
-
-def _strided(x: jax.Array, stride: int) -> jax.Array:
-  """Every `stride`-th entry of each matrix of `x` (its last two axes)
-  flattened, or of `x` flattened when it has fewer than two axes."""
-  if stride == 1:
-    return x
-  flat = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],)) if x.ndim >= 2 else x.reshape(-1)
-  return flat[..., ::stride]
 
 
 def dadapt_lion_leafwise(
@@ -87,7 +78,7 @@ def dadapt_lion_leafwise(
   sqrt_beta2 = beta2**0.5
 
   def init_leaf(p):
-    return {'exp_avg': jnp.zeros_like(p), 's': jnp.zeros_like(_strided(p, s_stride))}
+    return {'exp_avg': jnp.zeros_like(p), 's': jnp.zeros_like(strided(p, s_stride))}
 
   def init_global(params):
     dtype = optax.tree.dtype(params, 'lowest') if jax.tree.leaves(params) else jnp.float32
@@ -113,7 +104,7 @@ def dadapt_lion_leafwise(
       # The reference scales w by (1 - dlr wd), then subtracts dlr c.
       update = update - dlr * weight_decay * p
     new_m = (beta2 * m + (1 - beta2) * dlr * g).astype(m.dtype)
-    c_s = _strided(c, s_stride)
+    c_s = strided(c, s_stride)
     numerator = dlr * optax.tree.vdot(c_s, s)  # with s before its update
     new_s = (sqrt_beta2 * s + (1 - sqrt_beta2) * dlr * c_s).astype(s.dtype)
     stats = (numerator, jnp.sum(jnp.abs(new_s)))
@@ -148,7 +139,7 @@ def _check(betas, estim_lr0, weight_decay, s_stride):
   validation.check_in_unit_interval('betas[1]', betas[1])
   check_positive('estim_lr0', estim_lr0)
   validation.check_non_negative('weight_decay', weight_decay)
-  return validation.check_positive_int('s_stride', s_stride)
+  return resolve_s_stride(s_stride)
 
 
 def scale_by_dadapt_lion(
@@ -157,7 +148,7 @@ def scale_by_dadapt_lion(
     estim_lr0: float = 1e-6,
     weight_decay: float = 0.0,
     *,
-    s_stride: int = 1,
+    s_stride: int | None = None,
     rank: int = 4,
     compress: mv.CompressArg = None,
     min_dim_size: int | None = None,
@@ -186,18 +177,19 @@ def scale_by_dadapt_lion(
     S_t = \textstyle\sum |s|_1
 
   (sums over all parameters, s before its update in :math:`N_t`); m is then
-  compressed by `randomized_svd`, s kept in full (see `s_stride`). After all
+  compressed by `randomized_svd`, and s kept on every `s_stride`-th entry of
+  each matrix (flattened), a uniform subsample of both sums. After all
   parameters, :math:`r \leftarrow \beta r + (1 - \beta) N_t` and
   :math:`d \leftarrow \max(d, r / ((1 - \beta) S_t))`; nothing changes while
   :math:`S_t = 0`, and d stays while :math:`\eta_t = 0`. The update already
   includes the learning rate and the sign: apply it with
   `optax.apply_updates`.
 
-  optax has no D-Adapt Lion: with ``compress=False`` (nothing compressed)
-  this is the full-state algorithm of the D-Adaptation repository's
-  ``dadapt_lion.py``; at rank >= min(m, n) the trajectory equals it too.
-  Parameters that are not compressed (vectors, small matrices) keep full
-  state.
+  optax has no D-Adapt Lion: with ``compress=False, s_stride=1`` this is
+  the full-state algorithm of the D-Adaptation repository's
+  ``dadapt_lion.py``; at rank >= min(m, n) (and ``s_stride=1``) the
+  trajectory equals it too. Parameters that are not compressed (vectors,
+  small matrices) keep a full momentum.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -218,9 +210,10 @@ def scale_by_dadapt_lion(
     s_stride: keep s, the exponential sum of past steps behind d, only on
       every `s_stride`-th entry of each matrix (flattened): the state of a
       compressed m x n matrix is r (m + n + 1) + ceil(m n / s_stride)
-      entries. 1 (the default) keeps all and equals the reference; 11, the
-      MLorc_optim package's default, saves most of that memory and keeps d
-      close (the ratio behind d is estimated from a uniform subsample).
+      entries. None means 11 (the MLorc reference package's ``slice_p``),
+      which keeps d close to the exact one; 1 keeps all of s, as the
+      D-Adaptation algorithm does, at the cost of a full-size array per
+      parameter.
     rank: rank of the stored state.
     compress: which parameters to compress and how to view them as matrices;
       see `compress_moments`. False compresses none: full-state D-Adapt Lion.
@@ -263,7 +256,7 @@ def dadapt_lion(
     estim_lr0: float = 1e-6,
     weight_decay: float = 0.0,
     *,
-    s_stride: int = 1,
+    s_stride: int | None = None,
     rank: int = 4,
     compress: mv.CompressArg = None,
     min_dim_size: int | None = None,
@@ -294,7 +287,8 @@ def dadapt_lion(
     betas: (b1, b2) as in `scale_by_dadapt_lion`.
     estim_lr0: initial (under-)estimate of d.
     weight_decay: decoupled weight decay, times the step size.
-    s_stride: keep s on every `s_stride`-th entry of each matrix only; see
+    s_stride: keep s on every `s_stride`-th entry of each matrix only (None:
+      11; 1: all of it, the D-Adaptation algorithm); see
       `scale_by_dadapt_lion`.
     rank: rank of the stored state.
     compress: which parameters to compress and how to view them as matrices;

@@ -8,6 +8,14 @@ Written as a `LeafwiseTransformation`, the step runs in two passes over the
 parameters: a read-only pre-pass sums both statistics and `prepare` computes
 the new d; the main pass then updates each parameter's moments and returns
 its update, so that only one parameter's full moments exist at a time.
+
+MLorc compresses m and v. s and w0 are parameter-shaped too but are not
+compressed: w0 cannot be approximated at low rank (w0 - w would be noise),
+and a rank-r s shrinks the denominator |s|_1 alone (on a two-layer MLP at
+rank 4, d came out 3x larger than full-state Prodigy's). Both are kept on
+every k-th entry of each matrix instead (`s_stride`, default 11 as the MLorc
+reference package's ``slice_p``): numerator and denominator are then sums
+over the same uniform subsample, and d stays close.
 """
 
 from typing import Any, NamedTuple
@@ -18,8 +26,14 @@ import optax
 
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
+from mlorc_optax._src.alias import STATIC_ARGS
 from mlorc_optax._src.compress_moments import compress_moments
+from mlorc_optax._src.d_adaptation import check_positive, resolve_s_stride, strided
 from mlorc_optax._src.leafwise import LeafwiseTransformation
+
+# Under optax.inject_hyperparams, `s_stride` (an int that fixes a shape) must
+# stay static too: `inject_hyperparams(mlorc.prodigy, static_args=mlorc.PRODIGY_STATIC_ARGS)`.
+PRODIGY_STATIC_ARGS = STATIC_ARGS + ('s_stride',)
 
 
 class ProdigyGlobalState(NamedTuple):
@@ -52,13 +66,15 @@ def prodigy_leafwise(
     weight_decay: float = 0.0,
     safeguard_warmup: bool = False,
     *,
+    s_stride: int = 1,
     params0_dtype: Any | None = None,
 ) -> LeafwiseTransformation:
   r"""Prodigy as a `LeafwiseTransformation` (see `scale_by_prodigy`).
 
-  Entries of each parameter: ``exp_avg``, ``exp_avg_sq`` (non-negative) and
-  ``grad_sum`` are moments; ``params0``, the initial parameters, is kept as
-  it is (a low-rank approximation of the weights would not do).
+  Entries of each parameter: the moments ``exp_avg`` and ``exp_avg_sq``
+  (non-negative), and ``grad_sum`` and ``params0`` (the initial parameters),
+  kept as they are, in full or on every `s_stride`-th entry of each matrix
+  (then of shape ``shape[:-2] + (ceil(m n / s_stride),)``).
 
   Args:
     learning_rate: as in `scale_by_prodigy`.
@@ -69,6 +85,7 @@ def prodigy_leafwise(
     estim_lr_coef: as in `scale_by_prodigy`.
     weight_decay: as in `scale_by_prodigy`.
     safeguard_warmup: as in `scale_by_prodigy`.
+    s_stride: as in `scale_by_prodigy`.
     params0_dtype: as in `scale_by_prodigy`.
 
   Returns:
@@ -82,8 +99,9 @@ def prodigy_leafwise(
 
   def init_leaf(p):
     zeros = jnp.zeros_like(p)
-    p0 = p if params0_dtype is None else p.astype(params0_dtype)
-    return {'exp_avg': zeros, 'exp_avg_sq': zeros, 'grad_sum': zeros, 'params0': p0}
+    p0 = strided(p, s_stride)
+    p0 = p0 if params0_dtype is None else p0.astype(params0_dtype)
+    return {'exp_avg': zeros, 'exp_avg_sq': zeros, 'grad_sum': jnp.zeros_like(p0, p.dtype), 'params0': p0}
 
   def init_global(params):
     # As optax: the scalars in the lowest dtype of the parameters.
@@ -100,16 +118,16 @@ def prodigy_leafwise(
     return jnp.asarray(glob.estim_lr * sched * bc, dtype=glob.estim_lr.dtype)
 
   def new_grad_sum(g, entries, glob, dlr):
-    dg = glob.estim_lr * g
+    dg = glob.estim_lr * strided(g, s_stride)
     scale = glob.estim_lr if safeguard_warmup else dlr
     return beta3 * entries['grad_sum'] + scale * dg / estim_lr0
 
   def prepare_leaf(g, p, entries, glob):
     if p is None:
       raise _no_params('prodigy')
-    diff = entries['params0'].astype(p.dtype) - p
+    diff = entries['params0'].astype(p.dtype) - strided(p, s_stride)
     grad_sum = new_grad_sum(g, entries, glob, step_size(glob))
-    return optax.tree.vdot(g, diff), jnp.sum(jnp.abs(grad_sum))
+    return optax.tree.vdot(strided(g, s_stride), diff), jnp.sum(jnp.abs(grad_sum))
 
   def prepare(glob, pre):
     numerator_acum, denominator = pre or (0.0, 0.0)  # () without parameters
@@ -152,12 +170,13 @@ def prodigy_leafwise(
 
   return LeafwiseTransformation(
       init_leaf=init_leaf, init_global=init_global, update_leaf=update_leaf,
-      finalize=finalize, moments=('exp_avg', 'exp_avg_sq', 'grad_sum'),
+      finalize=finalize, moments=('exp_avg', 'exp_avg_sq'),
       nonnegative=('exp_avg_sq',), prepare_leaf=prepare_leaf, prepare=prepare,
   )
 
 
 def _check(betas, beta3, eps, estim_lr0, estim_lr_coef, weight_decay):
+  """Raises on a bad hyperparameter."""
   if len(betas) != 2:
     raise ValueError(f'`betas` must be a pair (beta1, beta2), got {betas!r}.')
   validation.check_in_unit_interval('betas[0]', betas[0])
@@ -170,14 +189,6 @@ def _check(betas, beta3, eps, estim_lr0, estim_lr_coef, weight_decay):
   check_positive('estim_lr0', estim_lr0)
 
 
-def check_positive(name: str, value: Any) -> None:
-  """Raises unless `value` is > 0; traced values are not checked."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  if not float(value) > 0.0:
-    raise ValueError(f'`{name}` must be > 0, got {value}.')
-
-
 def scale_by_prodigy(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -188,6 +199,7 @@ def scale_by_prodigy(
     weight_decay: float = 0.0,
     safeguard_warmup: bool = False,
     *,
+    s_stride: int | None = None,
     params0_dtype: Any | None = None,
     rank: int = 4,
     compress: mv.CompressArg = None,
@@ -202,7 +214,7 @@ def scale_by_prodigy(
 
   With t counting from 1, d the step size estimate, :math:`\eta_t` the
   learning rate and :math:`w_0` the initial parameters, every parameter
-  computes, with the previous step's d and its reconstructed moments m, v, s
+  computes, with the previous step's d and its reconstructed moments m, v
   (negative entries of v replaced by their mean magnitude),
 
   .. math::
@@ -223,19 +235,22 @@ def scale_by_prodigy(
   .. math::
     u_t = -\lambda_t \Big(\frac{m_t}{\sqrt{v_t} + d' \epsilon} + \lambda_{wd} w\Big).
 
-  m_t, v_t and s_t are then compressed by `randomized_svd`. The sums behind d'
-  are taken in a read-only pre-pass over the parameters, one matrix at a time
-  (so transient memory stays bounded by one matrix); the main pass then
+  m_t and v_t are then compressed by `randomized_svd`. s and :math:`w_0`,
+  and the two sums, live on every `s_stride`-th entry of each matrix
+  (flattened): a uniform subsample, so the ratio behind d' stays close (a
+  low-rank s would shrink the denominator alone; a low-rank :math:`w_0`
+  would make :math:`w_0 - w` noise). The sums are taken in a read-only
+  pre-pass over the parameters, one matrix at a time; the main pass then
   updates each parameter. The update already includes the learning rate and
   the sign: apply it with `optax.apply_updates`, as `optax.contrib.prodigy`'s.
 
-  Memory: the initial parameters :math:`w_0` are kept in full (a low-rank
-  approximation of the weights would make :math:`w_0 - w` meaningless), so
-  the state of a compressed m x n matrix is 3 r (m + n + 1) factor entries
-  plus m n entries of :math:`w_0` (in `params0_dtype`), against 4 m n for
-  full-state Prodigy. Parameters that are not compressed (vectors, small
-  matrices, see `compress`) keep full state; at rank >= min(m, n), or with
-  ``compress=False``, the trajectory equals `optax.contrib.prodigy`'s.
+  Memory: the state of a compressed m x n matrix is 2 r (m + n + 1) factor
+  entries plus 2 ceil(m n / s_stride) entries of s and :math:`w_0` (the
+  latter in `params0_dtype`), against 4 m n for full-state Prodigy.
+  Parameters that are not compressed (vectors, small matrices, see
+  `compress`) keep full moments. With ``s_stride=1``, at rank >= min(m, n)
+  or with ``compress=False``, the trajectory equals
+  `optax.contrib.prodigy`'s.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -257,6 +272,11 @@ def scale_by_prodigy(
     weight_decay: AdamW-style decoupled weight decay, times the step size.
     safeguard_warmup: leave the learning rate out of the sums behind d, to
       avoid overestimating d during a warm-up.
+    s_stride: keep s and :math:`w_0` (and take the sums behind d) only on
+      every `s_stride`-th entry of each matrix. None means 11 (the MLorc
+      reference package's ``slice_p``), which keeps d close to the exact
+      one; 1 keeps all, as `optax.contrib.prodigy` does, at the cost of two
+      full-size arrays per parameter.
     params0_dtype: dtype (or its name) of the stored initial parameters; None
       for the parameters' own dtype (``'bfloat16'`` halves that memory for
       float32 parameters, and rounds :math:`w_0`).
@@ -286,7 +306,8 @@ def scale_by_prodigy(
   _check(betas, beta3, eps, estim_lr0, estim_lr_coef, weight_decay)
   lw = prodigy_leafwise(
       learning_rate, betas, beta3, eps, estim_lr0, estim_lr_coef, weight_decay,
-      safeguard_warmup, params0_dtype=params0_dtype,
+      safeguard_warmup, s_stride=resolve_s_stride(s_stride),
+      params0_dtype=params0_dtype,
   )
   return compress_moments(
       lw, rank, compress=compress, min_dim_size=min_dim_size, oversample=oversample,
@@ -304,6 +325,7 @@ def prodigy(
     weight_decay: float = 0.0,
     safeguard_warmup: bool = False,
     *,
+    s_stride: int | None = None,
     params0_dtype: Any | None = None,
     rank: int = 4,
     compress: mv.CompressArg = None,
@@ -318,7 +340,8 @@ def prodigy(
 
   The same transformation as `scale_by_prodigy` (Prodigy's learning rate
   enters its estimate of d, so the step size cannot be chained after it);
-  this alias has `optax.contrib.prodigy`'s name.
+  this alias has `optax.contrib.prodigy`'s name and arguments. Pass
+  ``s_stride=1`` for `optax.contrib.prodigy`'s exact estimate of d.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -338,6 +361,9 @@ def prodigy(
     estim_lr_coef: the estimates of d are multiplied by this coefficient.
     weight_decay: AdamW-style decoupled weight decay, times the step size.
     safeguard_warmup: leave the learning rate out of the sums behind d.
+    s_stride: keep s and the initial parameters only on every
+      `s_stride`-th entry of each matrix (None: 11; 1: all of them, as
+      `optax.contrib.prodigy`); see `scale_by_prodigy`.
     params0_dtype: dtype (or its name) of the stored initial parameters; None
       for the parameters' own dtype.
     rank: rank of the stored moments.
@@ -365,7 +391,7 @@ def prodigy(
   """
   return scale_by_prodigy(
       learning_rate, betas, beta3, eps, estim_lr0, estim_lr_coef, weight_decay,
-      safeguard_warmup, params0_dtype=params0_dtype, rank=rank, compress=compress,
+      safeguard_warmup, s_stride=s_stride, params0_dtype=params0_dtype, rank=rank, compress=compress,
       min_dim_size=min_dim_size, oversample=oversample, power_iters=power_iters,
       factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
   )
