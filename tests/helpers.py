@@ -58,10 +58,11 @@ def _exported_functions():
       yield name, obj
 
 
-def _is_alias(fn) -> bool:
-  """An optimizer alias: its first parameter is optax's `learning_rate`."""
+def _is_alias(name, fn) -> bool:
+  """An optimizer alias: its first parameter is optax's `learning_rate` (a
+  scale_by_ block that takes one too, as Prodigy's, is not an alias)."""
   parameters = list(inspect.signature(fn).parameters)
-  return bool(parameters) and parameters[0] == 'learning_rate'
+  return not name.startswith('scale_by_') and parameters[:1] == ['learning_rate']
 
 
 def _with_learning_rate(fn):
@@ -71,11 +72,11 @@ def _with_learning_rate(fn):
 
 
 # (name, factory) for every exported optimizer alias (a function whose first
-# argument is `learning_rate`), the learning rate bound: factory(**options)
+# argument is `learning_rate`, not named scale_by_*), the learning rate bound: factory(**options)
 # builds the optimizer, and `inspect.signature(factory)` still lists every
 # argument, so optax.inject_hyperparams(factory, ...) works on it too.
 OPTIMIZER_FACTORIES = [
-    (name, _with_learning_rate(fn)) for name, fn in _exported_functions() if _is_alias(fn)
+    (name, _with_learning_rate(fn)) for name, fn in _exported_functions() if _is_alias(name, fn)
 ]
 
 # (name, function) for every MLorc factory: the aliases and the scale_by_*
@@ -83,7 +84,7 @@ OPTIMIZER_FACTORIES = [
 MLORC_FACTORIES = [
     (name, fn)
     for name, fn in _exported_functions()
-    if _is_alias(fn) or name.startswith('scale_by_')
+    if _is_alias(name, fn) or name.startswith('scale_by_')
 ]
 
 OPTIMIZER_NAMES = [name for name, _ in OPTIMIZER_FACTORIES]
