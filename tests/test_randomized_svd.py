@@ -61,7 +61,7 @@ def test_zero_matrix_gives_zero_factors():
     assert np.all(np.asarray(x) == 0.0)
 
 
-@pytest.mark.parametrize('scale', [1e30, 1e-30])
+@pytest.mark.parametrize('scale', [1e36, 1e30, 1e-30])
 def test_extreme_magnitudes_stay_finite_and_accurate(scale):
   rng = np.random.default_rng(1)
   a = (rng.normal(size=(50, 3)) @ rng.normal(size=(3, 40))).astype(np.float32)
@@ -136,3 +136,128 @@ def test_warm_start_from_a_nearby_subspace_replaces_the_power_iteration():
   assert warm <= 1.05 * s[rank]
   assert warm < 0.8 * cold
   assert zero <= 3 * s[rank]
+
+
+def _graded(m, n, s, seed=0):
+  """An (m, n) float64 matrix with exactly the singular values s."""
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.normal(size=(m, len(s))))
+  v, _ = np.linalg.qr(rng.normal(size=(n, len(s))))
+  return (u * s) @ v.T
+
+
+KEYS = 2000  # one batched call: the batch draws a test matrix per copy
+
+
+@pytest.mark.parametrize('ratio', [1e-1, 1e-2, 1e-3, 1e-4, 1e-5])
+@pytest.mark.parametrize('matrix_rank', [3, 4])
+def test_float32_keeps_every_direction_of_a_rank_k_matrix(matrix_rank, ratio):
+  # sigma_k / sigma_1 = ratio, geometric in between. Before the shifted Gram
+  # passes, 1% to 100% of the keys lost the last direction below 1e-2.
+  s = np.geomspace(1, ratio, matrix_rank)
+  a = _graded(64, 48, s).astype(np.float32)
+  f = jax.jit(lambda a: mlorc.randomized_svd(a, 4, jax.random.key(0)))(
+      jnp.broadcast_to(jnp.asarray(a), (KEYS, 64, 48))
+  )
+  got = np.asarray(f.s)
+  # Every key finds every direction, to float32 rounding of the largest one.
+  eps = np.finfo(np.float32).eps
+  np.testing.assert_allclose(got[:, :matrix_rank], np.broadcast_to(s, (KEYS, matrix_rank)), rtol=1e-4, atol=4 * eps)
+  assert np.all(got[:, matrix_rank:] == 0.0)  # and invents none
+  u, v = np.asarray(f.u[..., :matrix_rank]), np.asarray(f.v[..., :matrix_rank])
+  eye = np.eye(matrix_rank)
+  assert np.abs(np.einsum('bij,bik->bjk', u, u) - eye).max() < 1e-5
+  assert np.abs(np.einsum('bij,bik->bjk', v, v) - eye).max() < 1e-5
+  assert np.abs(np.asarray(mlorc.reconstruct(f)) - a).max() < 1e-5
+
+
+def test_directions_below_rounding_level_are_dropped_not_invented():
+  # Below ~2 k eps of the largest a direction cannot be told from rounding.
+  s = np.array([1.0, 0.5, 1e-8])
+  a = _graded(64, 48, s).astype(np.float32)
+  f = mlorc.randomized_svd(jnp.asarray(a), 4, jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(f.s), [1.0, 0.5, 0.0, 0.0], atol=1e-6)
+  assert np.all(np.asarray(f.s)[2:] == 0.0)
+  assert np.all(np.asarray(f.u)[:, 2:] == 0.0) and np.all(np.asarray(f.v)[:, 2:] == 0.0)
+
+
+@pytest.mark.parametrize('rows', [False, True])
+def test_orthonormalize_resolves_a_condition_number_near_one_over_eps(rows):
+  # Columns of condition number 1e6: one unshifted Gram pass would lose the
+  # smallest directions entirely; the basis must still span all of them.
+  rng = np.random.default_rng(3)
+  y = _graded(200, 5, np.geomspace(1, 1e-6, 5), seed=3) @ rng.normal(size=(5, 5))
+  y = jnp.asarray(y, jnp.float32)
+  from mlorc_optax._src import randomized_svd as rsvd
+  q = rsvd._orthonormal_rows(y.T).T if rows else rsvd.orthonormalize(y)
+  q = np.asarray(q, np.float64)
+  np.testing.assert_allclose(q.T @ q, np.eye(5), atol=1e-5)
+  exact, _ = np.linalg.qr(np.asarray(y, np.float64))
+  # Same subspace: the projection of the exact basis onto q keeps its norm.
+  np.testing.assert_allclose(np.linalg.svd(q.T @ exact, compute_uv=False), np.ones(5), atol=1e-3)
+
+
+def test_orthonormalize_of_exactly_dependent_columns_has_zero_columns_not_nan():
+  from mlorc_optax._src import randomized_svd as rsvd
+  y = jnp.outer(jnp.arange(1.0, 41.0), jnp.ones(4))  # four equal columns
+  q = np.asarray(rsvd.orthonormalize(y))
+  assert np.all(np.isfinite(q))
+  norms = np.linalg.norm(q, axis=0)
+  assert np.all((np.abs(norms - 1) < 1e-5) | (norms == 0))
+  nonzero = q[:, norms > 0]
+  np.testing.assert_allclose(nonzero.T @ nonzero, np.eye(nonzero.shape[1]), atol=1e-5)
+  assert np.all(rsvd.orthonormalize(jnp.zeros((40, 4))) == 0)
+
+
+def _with(a, entries):
+  a = np.array(a, np.float32)
+  for (i, j), x in entries.items():
+    a[i, j] = x
+  return a
+
+
+@pytest.mark.parametrize('rank', [3, 8])  # a sketch, and the exact SVD (8 >= n)
+def test_nan_entries_are_read_as_zero(rank):
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(40, 8)).astype(np.float32)
+  holes = {(3, 1): 0.0, (17, 5): 0.0}
+  clean = mlorc.randomized_svd(jnp.asarray(_with(a, holes)), rank, jax.random.key(0))
+  dirty = mlorc.randomized_svd(
+      jnp.asarray(_with(a, {k: np.nan for k in holes})), rank, jax.random.key(0)
+  )
+  for x, y in zip(clean, dirty):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('rank', [3, 8])
+def test_infinite_and_near_overflow_entries_give_finite_factors(rank):
+  rng = np.random.default_rng(5)
+  big = float(np.finfo(np.float32).max)
+  a = _with(rng.normal(size=(40, 8)), {(2, 3): np.inf, (9, 0): -np.inf, (30, 7): 0.9 * big})
+  f = mlorc.randomized_svd(jnp.asarray(a), rank, jax.random.key(0))
+  for x in f:
+    assert np.all(np.isfinite(np.asarray(x)))
+  assert np.all(np.asarray(f.s) <= big / 2)  # capped: reconstruct cannot overflow
+  rebuilt = np.asarray(mlorc.reconstruct(f))
+  assert np.all(np.isfinite(rebuilt))
+  # Inf reads as the largest finite value: those entries stay huge, with their sign.
+  assert rebuilt[2, 3] > 1e37 and rebuilt[9, 0] < -1e37 and rebuilt[30, 7] > 1e37
+
+
+def test_matrix_of_entries_near_overflow_keeps_its_direction():
+  big = float(np.finfo(np.float32).max)
+  a = jnp.full((60, 50), 0.9 * big, jnp.float32)  # rank 1, ||a|| ~ 50 F
+  f = mlorc.randomized_svd(a, 2, jax.random.key(0))
+  assert float(f.s[0]) == pytest.approx(big / 2) and float(f.s[1]) == 0.0
+  np.testing.assert_allclose(np.abs(np.asarray(f.u[:, 0])), np.full(60, 60**-0.5), rtol=1e-5)
+  np.testing.assert_allclose(np.abs(np.asarray(f.v[:, 0])), np.full(50, 50**-0.5), rtol=1e-5)
+
+
+def test_non_finite_warm_start_is_ignored():
+  a, _ = _decaying(60, 40, 0.8)
+  a = jnp.asarray(a, jnp.float32)
+  bad = jnp.full((40, 4), jnp.nan)
+  f = mlorc.randomized_svd(a, 4, jax.random.key(0), warm_start=bad)
+  g = mlorc.randomized_svd(a, 4, jax.random.key(0), warm_start=jnp.zeros((40, 4)))
+  for x, y in zip(f, g):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -7,6 +7,7 @@ tall matrix is ever taken, which keeps the algorithm fast on TPU and GPU
 matrices are tiny and replicated, the tall factors keep the operand's sharding.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -85,42 +86,84 @@ def _scale(a: jax.Array) -> jax.Array:
   return jnp.where(top > 0, top, jnp.ones_like(top))
 
 
-def _eigh_descending(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _finite(a: jax.Array) -> jax.Array:
+  """a with NaN read as 0 and +-Inf as +-F, the largest finite value.
+
+  Elementwise, so XLA fuses it into the computation that produces `a`.
+  """
+  return jnp.nan_to_num(a, nan=0.0)
+
+
+def _thin_scale(m: int, n: int) -> float:
+  """The power of two 2^-e <= 1 / (16 max(m, n)) that the thin operand of
+  every product with an (m, n) matrix is multiplied by.
+
+  Then no product overflows, even with entries of `a` near F: a row or
+  column sums at most max(m, n) terms, each below F 2^-e times a unit-vector
+  entry or a Gaussian one (under 16 in magnitude). A power of two rounds
+  like 1, so the results are exact multiples of the unscaled ones, at no
+  extra pass over `a`; only entries below ~1e-38 * 16 max(m, n) (float32)
+  underflow.
+  """
+  return 2.0 ** -math.ceil(math.log2(16 * max(m, n)))
+
+
+def _capped(f: LowRankFactors) -> LowRankFactors:
+  """Singular values capped at F / 2, so that `reconstruct` stays finite:
+  each of its entries and partial sums is at most s_1 in magnitude."""
+  return f._replace(s=jnp.minimum(f.s, float(jnp.finfo(f.s.dtype).max) / 2))
+
+
+def _eps(x: jax.Array) -> float:
+  return float(jnp.finfo(x.dtype).eps)
+
+
+def _whitening(gram: jax.Array, shifted: bool) -> jax.Array:
+  """W = E diag(w + shift)^(-1/2) for gram = E diag(w) E^T: y @ W is whitened.
+
+  Shifted (shift = k eps trace(gram)), no eigenvalue is trusted below the
+  rounding level of the Gram matrix: directions that small are scaled up by
+  1/sqrt(shift) only, not by a noisy 1/sqrt(w). Unshifted, eigenvalues at
+  rounding level (k eps max(w)) give zero columns instead of NaN.
+  """
+  k = gram.shape[-1]
   w, e = jnp.linalg.eigh(gram)
-  return jnp.flip(w, -1), jnp.flip(e, -1)
+  if shifted:
+    shift = k * _eps(gram) * jnp.trace(gram, axis1=-2, axis2=-1)[..., None]
+    w = jnp.maximum(w, 0) + shift
+    keep = w > 0  # only a zero matrix has none
+  else:
+    keep = w > k * _eps(gram) * jnp.max(w, axis=-1, keepdims=True)
+  return e * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)[..., None, :]
 
 
-def _kept(w: jax.Array) -> jax.Array:
-  """Which eigenvalues of a Gram matrix stand above its rounding noise."""
-  k = w.shape[-1]
-  tol = jnp.max(w, axis=-1, keepdims=True) * k * jnp.finfo(w.dtype).eps
-  return w > tol
-
-
-def _inverse_sqrt(w: jax.Array) -> jax.Array:
-  """w^(-1/2) for Gram eigenvalues above rounding noise, 0 for the rest."""
-  keep = _kept(w)
-  return jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)
-
-
-def _whitening(gram: jax.Array) -> jax.Array:
-  """E diag(w)^(-1/2) for gram = E diag(w) E^T: y @ it has orthonormal columns."""
-  w, e = jnp.linalg.eigh(gram)
-  return e * _inverse_sqrt(w)[..., None, :]
+# Two shifted passes, then CholeskyQR2: see `orthonormalize`.
+_PASSES = (True, True, False, False)
 
 
 def orthonormalize(y: jax.Array) -> jax.Array:
-  """Orthonormal basis of the columns of y (..., m, k), by two Gram passes.
+  r"""Orthonormal basis of the columns of y (..., m, k), by four Gram passes.
 
-  Each pass forms G = y^T y = E diag(w) E^T and sets y <- y E diag(w)^(-1/2)
-  (CholeskyQR2 with an eigendecomposition in place of the Cholesky factor).
-  Directions whose eigenvalue is at rounding level, as for a rank-deficient
-  or zero y, become zero columns instead of NaN; the second pass restores
-  the orthogonality the first loses to the squared condition number.
+  Each pass forms G = y^T y = E diag(w) E^T and sets
+  y <- y E diag(w + shift)^(-1/2): a CholeskyQR with an eigendecomposition in
+  place of the Cholesky factor, so that only (k, k) matrices are factored.
+
+  An unshifted pass squares the condition number: in float32 a direction
+  below sqrt(eps) ~ 3e-4 of the largest drowns in the rounding of G, and
+  came out as a zero column (one that a power iteration cannot revive). The
+  first two passes therefore add shift = k eps trace(G) (shifted CholeskyQR,
+  Fukaya et al. 2020), which bounds the amplification of a direction to
+  1/sqrt(shift): each pass lifts a direction of relative size rho to about
+  rho / sqrt(k eps), so after two every direction down to rounding level is
+  within a factor ~10 of the largest, and two plain passes make the columns
+  orthonormal to working precision. A direction at rounding level comes out
+  as some unit vector orthogonal to the others, as Householder QR gives;
+  only an exactly degenerate one (a zero y, or columns that stay exactly
+  dependent) becomes a zero column, never NaN.
   """
   y = y / _scale(y)  # Gram entries of 1e30-sized inputs would overflow
-  for _ in range(2):
-    y = jnp.matmul(y, _whitening(_gram(y, y)))
+  for shifted in _PASSES:
+    y = jnp.matmul(y, _whitening(_gram(y, y), shifted))
   return y
 
 
@@ -140,26 +183,31 @@ def _right_product(a: jax.Array, b: jax.Array) -> jax.Array:
 def _orthonormal_rows(w: jax.Array) -> jax.Array:
   """`orthonormalize` of w^T, returned transposed, without transposing w."""
   w = w / _scale(w)
-  for _ in range(2):
+  for shifted in _PASSES:
     wt = jnp.swapaxes(w, -1, -2)
-    w = jnp.matmul(jnp.swapaxes(_whitening(_gram(wt, wt)), -1, -2), w)
+    w = jnp.matmul(jnp.swapaxes(_whitening(_gram(wt, wt), shifted), -1, -2), w)
   return w
 
 
 def _small_svd(q: jax.Array, b: jax.Array, rank: int) -> LowRankFactors:
   """Top-`rank` SVD of q @ b, for orthonormal q (..., m, k) and b (..., k, n).
 
-  With b / c = E diag(w)^(1/2) V^T from the eigenproblem of (b/c)(b/c)^T:
-  u = q E, s = c sqrt(w), v = (b/c)^T E diag(w)^(-1/2).
+  b = R Z with Z (k, n) an orthonormal basis of b's rows and R = b Z^T
+  (k, k); with R = X diag(s) Y^T: u = q X, v = Z^T Y. Unlike an
+  eigendecomposition of b b^T, this does not square b's condition number,
+  so singular values down to rounding level (~k eps s_1) are resolved; those
+  below 4 k eps s_1 are set to zero, with their columns of u and v.
   """
   c = _scale(b)
   b = b / c
-  bt = jnp.swapaxes(b, -1, -2)
-  w, e = _eigh_descending(_gram(bt, bt))
-  w, e = w[..., :rank], e[..., :rank]
-  root = jnp.sqrt(jnp.where(_kept(w), w, 0))
-  v = jnp.matmul(bt, e * _inverse_sqrt(w)[..., None, :])
-  return LowRankFactors(u=jnp.matmul(q, e), s=root * c[..., 0], v=v)
+  z = _orthonormal_rows(b)
+  x, s, yt = jnp.linalg.svd(_gram(jnp.swapaxes(b, -1, -2), jnp.swapaxes(z, -1, -2)))
+  x, s, yt = x[..., :rank], s[..., :rank], yt[..., :rank, :]
+  keep = s > 4 * b.shape[-2] * _eps(b) * s[..., :1]
+  keep_cols = keep[..., None, :].astype(b.dtype)
+  u = jnp.matmul(q, x) * keep_cols
+  v = jnp.matmul(jnp.swapaxes(z, -1, -2), jnp.swapaxes(yt, -1, -2)) * keep_cols
+  return LowRankFactors(u=u, s=jnp.where(keep, s, 0) * c[..., 0], v=v)
 
 
 def _exact_svd(a: jax.Array, rank: int) -> LowRankFactors:
@@ -227,21 +275,26 @@ def randomized_svd(
   power_iters = validation.check_non_negative_int('power_iters', power_iters)
   if a.ndim < 2:
     raise ValueError(f'`a` must have at least 2 dimensions, got shape {a.shape}.')
-  a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
+  a = _finite(a.astype(jnp.promote_types(a.dtype, jnp.float32)))
   *batch, m, n = a.shape
   rank = min(rank, m, n)
   k = min(rank + oversample, m, n)
   if k == min(m, n):
     # A sketch as wide as the matrix saves nothing, and its Gram matrices
     # would square a condition number that a square Omega makes large.
-    return _exact_svd(a, rank)
+    p = _thin_scale(m, n)
+    f = _exact_svd(a * p, rank)
+    return _capped(f._replace(s=f.s / p))
+  p = _thin_scale(m, n)  # every product is of p a, computed as a (p x)
   omega = jax.random.normal(key, (*batch, n, k), a.dtype)
   if warm_start is not None:
     j = min(warm_start.shape[-1], k)
-    lead = warm_start[..., :j].astype(a.dtype) + 0.1 * omega[..., :j] / n**0.5
+    lead = jnp.nan_to_num(warm_start[..., :j].astype(a.dtype), posinf=0, neginf=0)
+    lead = lead + 0.1 * omega[..., :j] / n**0.5
     omega = jnp.concatenate([lead, omega[..., j:]], axis=-1)
-  q = orthonormalize(_right_product(a, omega))
+  q = orthonormalize(_right_product(a, p * omega))
   for _ in range(power_iters):
-    z = _orthonormal_rows(_left_product(q, a))  # orth(a^T q), kept as (k, n) rows
-    q = orthonormalize(_right_product(a, jnp.swapaxes(z, -1, -2)))
-  return _small_svd(q, _left_product(q, a), rank)
+    z = _orthonormal_rows(_left_product(p * q, a))  # orth(a^T q), kept as (k, n) rows
+    q = orthonormalize(_right_product(a, p * jnp.swapaxes(z, -1, -2)))
+  f = _small_svd(q, _left_product(p * q, a), rank)
+  return _capped(f._replace(s=f.s / p))
