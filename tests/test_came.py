@@ -149,6 +149,24 @@ def test_factored_state_is_small():
   assert shapes['exp_avg_sq'] == {'w': (1,), 'stack': (1,), 'b': (5,)}
 
 
+def test_bfloat16_parameters_keep_float32_statistics():
+  """An EMA with b3 = 0.9999 does not move in bfloat16: the statistics are
+  float32 (as the reference computes), the moment and the update bfloat16."""
+  params = {'w': jnp.ones((6, 5), jnp.bfloat16), 'b': jnp.ones(5, jnp.bfloat16)}
+  tx = scale_by_leafwise(came_leafwise())
+  state = tx.init(params)
+  res_rows = []
+  for t in range(3):
+    updates, state = tx.update(jax.tree.map(lambda x: x * (t + 1.0), params), state)
+    res_rows.append(state.entries['exp_avg_res_row']['w'])
+  assert updates['w'].dtype == jnp.bfloat16 and state.entries['exp_avg']['w'].dtype == jnp.bfloat16
+  assert res_rows[-1].dtype == jnp.float32 and state.entries['exp_avg_sq']['b'].dtype == jnp.float32
+  # the increments (1 - b3) (u - m)^2, 1e-4 of the average, still register
+  assert bool(jnp.all(res_rows[2] != res_rows[1]))
+  bf16_ema = lambda old, x: (0.9999 * old.astype(jnp.bfloat16) + 1e-4 * x).astype(jnp.bfloat16)
+  assert bool(jnp.all(bf16_ema(res_rows[1], res_rows[1]) == res_rows[1].astype(jnp.bfloat16)))
+
+
 @pytest.mark.parametrize(
     'kwargs,match',
     [
@@ -157,6 +175,7 @@ def test_factored_state_is_small():
         (dict(eps=(1e-30,)), '`eps`'),
         (dict(eps=(-1.0, 1e-16)), r'`eps\[0\]`'),
         (dict(clip_threshold=-1.0), '`clip_threshold`'),
+        (dict(clip_threshold=0.0), '`clip_threshold`'),
         (dict(weight_decay=-1.0), '`weight_decay`'),
         (dict(rank=0), '`rank`'),
     ],

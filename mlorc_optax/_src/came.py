@@ -15,6 +15,7 @@ import optax
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
 from mlorc_optax._src.compress_moments import compress_moments
+from mlorc_optax._src.d_adaptation import check_positive
 from mlorc_optax._src.leafwise import LeafwiseTransformation
 
 _NAMES = ('exp_avg', 'exp_avg_sq', 'exp_avg_sq_row', 'exp_avg_sq_col', 'exp_avg_res_row', 'exp_avg_res_col')
@@ -24,6 +25,10 @@ def _placeholder(dtype) -> jax.Array:
   """Stands for an entry a parameter does not use (as optax's Adafactor does;
   one element rather than none, so that it reshapes along batch axes)."""
   return jnp.zeros((1,), dtype)
+
+
+def _stat_dtype(dtype) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _rms(x: jax.Array, axes) -> jax.Array:
@@ -48,7 +53,9 @@ def came_leafwise(
   ``exp_avg_sq_row``, ``exp_avg_sq_col``, ``exp_avg_res_row`` and
   ``exp_avg_res_col`` (shapes ``shape[:-1]`` and ``shape[:-2] + shape[-1:]``);
   for a vector or a scalar, the full second moment ``exp_avg_sq``. Unused
-  entries hold an empty placeholder, so every parameter has the same names.
+  entries hold a one-element placeholder, so every parameter has the same
+  names. The statistics are kept in float32 at least (an EMA with b3 =
+  0.9999 does not move in bfloat16), as the reference computes in float32.
 
   Args:
     betas: as in `scale_by_came`.
@@ -62,21 +69,23 @@ def came_leafwise(
   eps1, eps2 = eps
 
   def init_leaf(p):
-    none = _placeholder(p.dtype)
+    dtype = _stat_dtype(p.dtype)
+    none = _placeholder(dtype)
     if p.ndim < 2:
       return dict.fromkeys(_NAMES, none) | {
-          'exp_avg': jnp.zeros_like(p), 'exp_avg_sq': jnp.zeros_like(p)
+          'exp_avg': jnp.zeros_like(p), 'exp_avg_sq': jnp.zeros_like(p, dtype)
       }
-    rows = jnp.zeros(p.shape[:-1], p.dtype)
-    cols = jnp.zeros(p.shape[:-2] + p.shape[-1:], p.dtype)
+    rows = jnp.zeros(p.shape[:-1], dtype)
+    cols = jnp.zeros(p.shape[:-2] + p.shape[-1:], dtype)
     return {
         'exp_avg': jnp.zeros_like(p), 'exp_avg_sq': none,
         'exp_avg_sq_row': rows, 'exp_avg_sq_col': cols,
         'exp_avg_res_row': rows, 'exp_avg_res_col': cols,
     }
 
-  def update_leaf(g, p, entries, glob, glob_mid):
+  def update_leaf(g_in, p, entries, glob, glob_mid):
     del p, glob, glob_mid
+    g = g_in.astype(_stat_dtype(g_in.dtype))
     new = dict(entries)
     ema = lambda old, x, b: (b * old + (1 - b) * x).astype(old.dtype)
     factored = g.ndim >= 2
@@ -100,7 +109,7 @@ def came_leafwise(
       u = _approx_inverse_sqrt(new['exp_avg_res_row'], new['exp_avg_res_col']) * m
     else:
       u = m
-    return u.astype(g.dtype), new, ()
+    return u.astype(g_in.dtype), new, ()
 
   return LeafwiseTransformation(
       init_leaf=init_leaf, init_global=lambda params: (), update_leaf=update_leaf,
@@ -117,7 +126,7 @@ def _check(betas, eps, clip_threshold):
     validation.check_in_unit_interval(f'betas[{i}]', b)
   validation.check_non_negative('eps[0]', eps[0])
   validation.check_non_negative('eps[1]', eps[1])
-  validation.check_non_negative('clip_threshold', clip_threshold)
+  check_positive('clip_threshold', clip_threshold)
 
 
 def scale_by_came(
