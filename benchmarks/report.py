@@ -42,6 +42,22 @@ def section() -> str:
                      + [f'{n} x_largest' for n in names]), '',
         'Temp over matrix size, one (d, 4d) matrix:', '', common.table(r['sizes']), '',
     ]
+  for r in load('compile_time_*.json'):
+    parts += [
+        f"**Compile time of the update** (`python benchmarks/compile_time.py`, {r['device']}): an "
+        'unrolled d=256 transformer (q, k, v, o, up, down and two norms per layer, each stored '
+        'apart), `jax.jit(tx.update).lower(...).compile()`; both optimizers measured side by side '
+        'in one run, on a shared machine (absolute seconds are noisy, ratios less so).', '',
+        common.table(r['rows'], ['layers', 'optax.adamw compile_s', 'mlorc.adamw compile_s',
+                                 'mlorc/optax', 'mlorc vs first depth']), '',
+        'First training step of an NNX transformer with `nnx.Optimizer`, compile included:', '',
+        common.table(r['nnx_first_step']), '',
+    ]
+  for r in load('randomized_svd_cost_*.json'):
+    parts += [
+        f"**Cost of the randomized SVD** (`python benchmarks/randomized_svd_cost.py`, {r['device']}):", '',
+        common.table(r['rows']), '',
+    ]
   for r in load('update_speed_*.json'):
     parts += [
         f"**Update step time** (median of {r['rounds']} interleaved rounds, "

@@ -10,6 +10,7 @@ from mlorc_optax._src.dadapt_lion import (
 )
 from mlorc_optax._src.flax_adapter import nnx_views
 from mlorc_optax._src.grams import grams
+from mlorc_optax._src.leafwise import LeafwiseState, LeafwiseTransformation, full_state_transformation
 from mlorc_optax._src.matrix_view import MatrixView, default_view, resolve_views
 from mlorc_optax._src.mofasgd import ScaleByMoFaSGDState, mofasgd, scale_by_mofasgd
 from mlorc_optax._src.orthograd import orthograd
@@ -30,6 +31,8 @@ __all__ = (
     'CautiousWeightDecayState',
     'CompressedMomentsState',
     'DAdaptLionGlobalState',
+    'LeafwiseState',
+    'LeafwiseTransformation',
     'LowRankFactors',
     'MatrixView',
     'ParameterSummary',
@@ -46,6 +49,7 @@ __all__ = (
     'compress_moments',
     'dadapt_lion',
     'default_view',
+    'full_state_transformation',
     'grams',
     'lion',
     'mofasgd',

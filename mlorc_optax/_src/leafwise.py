@@ -13,7 +13,7 @@ structure, so that `compress_moments` can still visit one parameter at a time
 2. main pass: ``u, new_entries, stats = update_leaf(g, p, entries, glob, glob_mid)``;
 3. ``new_glob = finalize(glob_mid, sum over parameters of stats)``.
 
-`scale_by_leafwise` runs one as an ordinary full-state optax transformation;
+`full_state_transformation` runs one as an ordinary full-state optax transformation;
 `compress_moments` runs it with the entries named in `moments` stored as
 low-rank factors. At full rank the two agree exactly.
 
@@ -105,7 +105,7 @@ def run_passes(
   return list(updates), list(entries), lw.finalize(glob_mid, sum_stats(list(stats)))
 
 
-def scale_by_leafwise(lw: LeafwiseTransformation) -> optax.GradientTransformationExtraArgs:
+def full_state_transformation(lw: LeafwiseTransformation) -> optax.GradientTransformationExtraArgs:
   """`lw` as an ordinary optax transformation with full state."""
 
   def init_fn(params):
