@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mlorc_optax._src import flax_adapter
@@ -72,8 +73,9 @@ def _wrap(inner, nonnegative, extra_args=None) -> _Inner:
   return _Inner(*optax_inner.as_leafwise(inner, nonnegative, extra_args))
 
 
-def _batch_flat(tree: Any, batch_ndim: int) -> Any:
-  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[batch_ndim:]), tree)
+def _batch_flat(tree: Any, batch_shape: tuple[int, ...]) -> Any:
+  size = int(np.prod(batch_shape, dtype=np.int64))  # not -1: entries may be empty
+  return jax.tree.map(lambda x: x.reshape((size,) + x.shape[len(batch_shape):]), tree)
 
 
 def _batch_shaped(tree: Any, batch_shape: tuple[int, ...]) -> Any:
@@ -224,10 +226,10 @@ def compress_moments(
       if view is None:
         leaves.append(leaf_groups.Leaf(i, g, p, entries, False))
       else:
-        batch_ndim = len(mv.matrix_shape(g.shape, view)[0])
+        batch_shape = mv.matrix_shape(g.shape, view)[0]
         leaves.append(leaf_groups.Leaf(
             i, mv.to_matrices(g, view), None if p is None else mv.to_matrices(p, view),
-            _batch_flat(entries, batch_ndim), True,
+            _batch_flat(entries, batch_shape), True,
         ))
     key = jax.random.fold_in(jax.random.key(seed), count)
     glob_mid, results, stats = _passes(lw, compressor, leaves, glob, key)
