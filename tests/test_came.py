@@ -9,7 +9,7 @@ import pytest
 
 import mlorc_optax as mlorc
 from mlorc_optax._src.came import came_leafwise
-from mlorc_optax._src.leafwise import LeafwiseState, scale_by_leafwise
+from mlorc_optax._src.leafwise import LeafwiseState, full_state_transformation
 from helpers import COMPRESS_ALL, make_params
 
 FULL_RANK = 16  # >= min(m, n) of every matrix in make_params
@@ -87,7 +87,7 @@ DEFAULTS = dict(betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1
 def _leafwise_came(betas, eps, clip_threshold, weight_decay):
   """Full-state CAME from the leafwise runner, chained as `came` chains it."""
   return optax.chain(
-      scale_by_leafwise(came_leafwise(betas, eps, clip_threshold)),
+      full_state_transformation(came_leafwise(betas, eps, clip_threshold)),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(LR),
   )
@@ -142,7 +142,7 @@ def test_clipping_is_exercised():
 
 
 def test_factored_state_is_small():
-  state = scale_by_leafwise(came_leafwise()).init({'w': jnp.zeros((6, 5)), 'stack': jnp.zeros((3, 6, 5)), 'b': jnp.zeros(5)})
+  state = full_state_transformation(came_leafwise()).init({'w': jnp.zeros((6, 5)), 'stack': jnp.zeros((3, 6, 5)), 'b': jnp.zeros(5)})
   shapes = jax.tree.map(jnp.shape, state.entries)
   assert shapes['exp_avg_sq_row'] == {'w': (6,), 'stack': (3, 6), 'b': (1,)}
   assert shapes['exp_avg_res_col'] == {'w': (5,), 'stack': (3, 5), 'b': (1,)}
@@ -153,7 +153,7 @@ def test_bfloat16_parameters_keep_float32_statistics():
   """An EMA with b3 = 0.9999 does not move in bfloat16: the statistics are
   float32 (as the reference computes), the moment and the update bfloat16."""
   params = {'w': jnp.ones((6, 5), jnp.bfloat16), 'b': jnp.ones(5, jnp.bfloat16)}
-  tx = scale_by_leafwise(came_leafwise())
+  tx = full_state_transformation(came_leafwise())
   state = tx.init(params)
   res_rows = []
   for t in range(3):

@@ -9,7 +9,7 @@ import pytest
 
 import mlorc_optax as mlorc
 from mlorc_optax._src.dadapt_lion import dadapt_lion_leafwise
-from mlorc_optax._src.leafwise import LeafwiseState, scale_by_leafwise
+from mlorc_optax._src.leafwise import LeafwiseState, full_state_transformation
 from helpers import COMPRESS_ALL, make_params
 
 FULL_RANK = 16  # >= min(m, n) of every matrix in make_params
@@ -81,7 +81,7 @@ CONFIGS = {
 }
 
 VARIANTS = {
-    'leafwise': lambda lr, **kw: scale_by_leafwise(dadapt_lion_leafwise(lr, **kw)),
+    'leafwise': lambda lr, **kw: full_state_transformation(dadapt_lion_leafwise(lr, **kw)),
     'uncompressed': lambda lr, **kw: mlorc.dadapt_lion(lr, **kw, s_stride=1, compress=False),
     'full_rank': lambda lr, **kw: mlorc.dadapt_lion(
         lr, **kw, s_stride=1, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'
@@ -125,14 +125,14 @@ def test_s_stride():
   with jax.enable_x64(True):
     params = make_params(jax.random.key(0), jnp.float64)
     flat = {k: v for k, v in params.items() if k != 'stack'}  # one matrix each
-    got, state = _run(scale_by_leafwise(dadapt_lion_leafwise(lr, **config, s_stride=3)), flat, STEPS)
+    got, state = _run(full_state_transformation(dadapt_lion_leafwise(lr, **config, s_stride=3)), flat, STEPS)
     leaves, treedef = jax.tree.flatten(flat)
     want, d, _ = _reference(leaves, STEPS, lambda k: lr, (0.8, 0.95), 0.5, 1e-4, stride=3)
     chex.assert_trees_all_close(got, treedef.unflatten(want), atol=1e-9, rtol=0)
     np.testing.assert_allclose(float(state.global_state.estim_lr), d, rtol=1e-9)
     assert state.entries['s']['w'].shape == (32,)  # ceil(96 / 3)
 
-    full, _ = _run(scale_by_leafwise(dadapt_lion_leafwise(lr, **config, s_stride=3)), params, STEPS)
+    full, _ = _run(full_state_transformation(dadapt_lion_leafwise(lr, **config, s_stride=3)), params, STEPS)
     ours, state = _run(
         mlorc.dadapt_lion(
             lr, **config, s_stride=3, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from mlorc_optax._src.leafwise import LeafwiseState, scale_by_leafwise
+from mlorc_optax._src.leafwise import LeafwiseState, full_state_transformation
 from mlorc_optax._src.prodigy import prodigy_leafwise
 from helpers import COMPRESS_ALL, gradient, make_params
 
@@ -24,7 +24,7 @@ CONFIGS = {
 }
 
 VARIANTS = {  # s_stride=1: optax's exact estimate of d
-    'leafwise': lambda **kw: scale_by_leafwise(prodigy_leafwise(**kw)),
+    'leafwise': lambda **kw: full_state_transformation(prodigy_leafwise(**kw)),
     'uncompressed': lambda **kw: mlorc.prodigy(**kw, s_stride=1, compress=False),
     'full_rank': lambda **kw: mlorc.prodigy(
         **kw, s_stride=1, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'
@@ -117,14 +117,14 @@ def test_s_stride():
   with jax.enable_x64(True):
     params = make_params(jax.random.key(0), jnp.float64)
     flat = {k: v for k, v in params.items() if k != 'stack'}  # one matrix each
-    got, state = _run(scale_by_leafwise(prodigy_leafwise(s_stride=3)), flat, STEPS)
+    got, state = _run(full_state_transformation(prodigy_leafwise(s_stride=3)), flat, STEPS)
     leaves, treedef = jax.tree.flatten(flat)
     want, d = _numpy_prodigy(leaves, STEPS, 3)
     chex.assert_trees_all_close(got, treedef.unflatten(want), atol=1e-9, rtol=0)
     np.testing.assert_allclose(float(state.global_state.estim_lr), d, rtol=1e-9)
     assert state.entries['params0']['w'].shape == state.entries['grad_sum']['w'].shape == (32,)
 
-    full, _ = _run(scale_by_leafwise(prodigy_leafwise(s_stride=3)), params, STEPS)
+    full, _ = _run(full_state_transformation(prodigy_leafwise(s_stride=3)), params, STEPS)
     ours, state = _run(
         mlorc.prodigy(s_stride=3, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'),
         params, STEPS,
