@@ -6,24 +6,27 @@ momentum M = U diag(s) V^T is stored as its factors, r(m + n + 1) numbers,
 and never formed in full. With the gradient G of the step:
 
 .. math::
-  C = U^T G V,\quad
-  G V - U C = Q R_u,\quad
-  G^T U - V C^T = P R_v \quad\text{(thin orthonormalisations, } Q \perp U,\ P \perp V),
+  [U \mid G V] = U' R_U,\quad [V \mid G^T U] = V' R_V
+  \quad\text{(thin orthonormalisations, } m \times 2r,\ n \times 2r),
 
-  K = \begin{bmatrix} \beta\,\mathrm{diag}(s) + C & R_v^T \\ R_u & 0 \end{bmatrix}
+  R_U \begin{bmatrix} \beta\,\mathrm{diag}(s) - U^T G V & I \\ I & 0 \end{bmatrix} R_V^T
   = \tilde X \tilde\Sigma \tilde Y^T \quad (2r \times 2r),
 
-  U_+ = [U\ Q]\,\tilde X_{:r},\quad s_+ = \tilde\sigma_{:r},\quad
-  V_+ = [V\ P]\,\tilde Y_{:r}.
+  U_+ = U' \tilde X_{:r},\quad s_+ = \tilde\sigma_{:r},\quad V_+ = V' \tilde Y_{:r}.
 
-Since [U Q] K [V P]^T = beta M + P_T(G), with P_T(G) = U U^T G + G V V^T -
+Since U' (...) V'^T = beta M + P_T(G), with P_T(G) = U U^T G + G V V^T -
 U U^T G V V^T the projection of G on the tangent space of the rank-r
 matrices at M, the new factors are the best rank-r approximation of
-beta M + P_T(G). This is the reference code's update ([U | G V] = U' R_U,
-[V | G^T U] = V' R_V, Mid = R_U [[beta S - U^T G V, I], [I, 0]] R_V^T), with
-the thin QRs written as one block Gram-Schmidt step against the already
-orthonormal U and V, so that a small G V never loses the directions of U to
-rounding. Each step costs two passes over G and no (m, n) temporary.
+beta M + P_T(G), as in the reference code. The thin QRs are the library's
+matmul-only `orthonormalize` (Gram eigenproblems of size 2r, no QR of a tall
+matrix; sharded operands keep their sharding). Each step costs two passes
+over G and no (m, n) temporary. U and V always keep r orthonormal columns,
+also where s is zero (free columns are refilled inside U' and V'), and are
+re-orthonormalised each step so that rounding does not accumulate.
+
+Memory: the new factors of all matrices of one shape are computed by one
+loop (`leaf_groups.map_matrices`), one matrix and one group at a time; the
+direction is formed outside the loops from thin pieces, elementwise.
 
 The direction returned is
 
@@ -35,6 +38,7 @@ max_inverse), and G_perp = (I - U U^T) G (I - V V^T) the part of G that the
 momentum did not take in.
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -43,6 +47,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from mlorc_optax._src import flax_adapter
+from mlorc_optax._src import leaf_groups
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
 from mlorc_optax._src.compress_moments import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
@@ -50,7 +55,6 @@ from mlorc_optax._src.randomized_svd import (
     LowRankFactors, _gram, _left_product, _right_product, _spec, orthonormalize,
     randomized_svd, reconstruct,
 )
-from mlorc_optax._src.xla_steering import serialize_after
 
 _INITS = ('zero', 'params')
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -113,12 +117,12 @@ def _complete_columns(x: jax.Array, keep: jax.Array, valid: jax.Array) -> jax.Ar
   the `valid` coordinates and orthogonal to the kept columns.
 
   The singular vectors of zero singular values are arbitrary and may point
-  at a zero column of Q (or P); U_+ would lose a column for good, and a
+  at a zero column of U' (or V'); U_+ would lose a column for good, and a
   momentum whose factors are all zero never moves again (a first gradient
   of zero, as behind a zero-initialised layer, would freeze the parameter).
   The fill comes from the eigenvectors of diag(valid) - X_k X_k^T of
-  eigenvalue 1; there are at least r of them, since the first r coordinates
-  (those of U) are always valid.
+  eigenvalue 1; there are at least r of them, since U' spans U's r
+  orthonormal columns.
   """
   kept = x * keep[..., None, :]
   projector = jnp.diag(valid.astype(x.dtype)) - _mm(kept, _t(kept))
@@ -168,20 +172,22 @@ def _init_matrices(w: jax.Array, rank: int, init: str, key: jax.Array, oversampl
   return LowRankFactors(u, s, v)
 
 
-def _new_directions(u: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(Q, Q^T y, valid): an orthonormal basis Q of y (d, r) with U^T y ~ 0.
+def _thin_qr(u: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[u | y] = Q R (Q: (d, 2r), R = Q^T [u | y]: (2r, 2r)), and which columns
+  of Q are nonzero.
 
-  A second Gram-Schmidt pass makes y orthogonal to U to working precision.
-  Columns of Q that are not new directions, zero (y rank-deficient) or
-  inside span(U) (a direction at rounding level), are zeroed and marked
-  invalid, so that [U Q] keeps orthonormal or zero columns.
+  y is scaled to u's size first: the span is the same, and the columns of
+  u (orthonormal) are then never small next to a large gradient's.
+  `orthonormalize` returns a zero column for an exactly degenerate direction
+  (a zero gradient) and a unit one orthogonal to the others for a direction
+  at rounding level; both are handled by the caller.
   """
-  y = y - _mm(u, _gram(u, y))
-  q = orthonormalize(y)
-  outside = jnp.diagonal(_gram(q, q)) - jnp.sum(jnp.square(_gram(u, q)), axis=-2)
-  valid = outside > 0.5
-  q = q * valid.astype(q.dtype)
-  return q, _gram(q, y), valid
+  top = jnp.max(jnp.abs(y))
+  if _explicit_mesh():  # the blocks must agree; y's rows are as thin as u's
+    y = jax.sharding.reshard(y, P(*_spec(u)))
+  q = orthonormalize(jnp.concatenate([u, y / jnp.where(top > 0, top, 1)], axis=-1))
+  r = _gram(q, jnp.concatenate([u, y], axis=-1))
+  return q, r, jnp.diagonal(_gram(q, q)) > 0.5
 
 
 def _reorthonormalize(u: jax.Array) -> jax.Array:
@@ -218,62 +224,70 @@ def momentum_step(
   gv = _right_product(g, v).astype(dtype)  # G V, rows sharded like G's
   utg = _left_product(u, g).astype(dtype)  # U^T G, columns sharded like G's
   c = _gram(u, gv)  # U^T G V
-  outside_v = gv - _mm(u, c)  # (I - U U^T) G V
-  q, ru, valid_u = _new_directions(u, outside_v)
-  p, rv, valid_v = _new_directions(v, _t(utg) - _mm(v, _t(c)))
-  zero = jnp.zeros((r, r), dtype)
-  core = jnp.block([
-      [b * jnp.diag(s) + gradient_scale * c, gradient_scale * _t(rv)],
-      [gradient_scale * ru, zero],
+  q_u, r_u, valid_u = _thin_qr(u, gv)  # [U | G V] = U' R_U
+  q_v, r_v, valid_v = _thin_qr(v, _t(utg))  # [V | G^T U] = V' R_V
+  eye, zero = jnp.eye(r, dtype=dtype), jnp.zeros((r, r), dtype)
+  block = jnp.block([
+      [b * jnp.diag(s) - gradient_scale * c, gradient_scale * eye],
+      [gradient_scale * eye, zero],
   ])
-  x, sigma, yt = jnp.linalg.svd(core)
+  x, sigma, yt = jnp.linalg.svd(_mm(r_u, _mm(block, _t(r_v))))
   keep = _kept(sigma)[:r]
-  ones = jnp.ones((r,), bool)
-  x = _complete_columns(x[:, :r], keep, jnp.concatenate([ones, valid_u]))
-  y = _complete_columns(_t(yt)[:, :r], keep, jnp.concatenate([ones, valid_v]))
+  x = _complete_columns(x[:, :r], keep, valid_u)
+  y = _complete_columns(_t(yt)[:, :r], keep, valid_v)
   new = LowRankFactors(
-      u=_reorthonormalize(_mm(u, x[:r]) + _mm(q, x[r:])),
+      u=_reorthonormalize(_mm(q_u, x)),
       s=jnp.where(keep, sigma[:r], 0),
-      v=_reorthonormalize(_mm(v, y[:r]) + _mm(p, y[r:])),
+      v=_reorthonormalize(_mm(q_v, y)),
   )
+  outside_v = gv - _mm(u, c)  # (I - U U^T) G V, for G_perp
   return new, (utg, outside_v)
 
 
-def _direction_factors(
-    g: jax.Array, old: LowRankFactors, new: LowRankFactors, pieces, *,
-    eta1, eta2, max_inverse, eps, current_projection: bool, with_perp: bool,
-) -> tuple[jax.Array, jax.Array]:
-  """(left, right) with left @ right^T = eta1 U_+ diag(h(s_+)) V_+^T + eta2 (G_perp - G).
+class _Perp(NamedTuple):
+  """G_perp - G = -U (U^T G) - ((I - U U^T) G V) V^T, as thin pieces."""
 
-  The direction is then eta2 G + left @ right^T, which XLA fuses into the
-  output: no (m, n) temporary.
-  """
-  s = new.s
+  u: jax.Array  # (m, r)
+  utg: jax.Array  # (r, n): U^T G
+  outside_v: jax.Array  # (m, r): (I - U U^T) G V
+  v: jax.Array  # (n, r)
+
+
+def _perp_pieces(g, old: LowRankFactors, new: LowRankFactors, pieces, current_projection: bool) -> _Perp:
+  """The pieces of G_perp, on the old factors (those G was projected on, whose
+  products with G the momentum step already formed) or on the new ones (two
+  more passes over G)."""
+  if not current_projection:
+    return _Perp(old.u, pieces[0], pieces[1], old.v)
+  dtype = new.u.dtype
+  utg = _left_product(new.u, g).astype(dtype)
+  gv = _right_product(g, new.v).astype(dtype)
+  return _Perp(new.u, utg, gv - _mm(new.u, _gram(new.u, gv)), new.v)
+
+
+def _direction(
+    g: jax.Array, new: LowRankFactors, perp: _Perp | None, *, eta1, eta2, max_inverse, eps,
+) -> jax.Array:
+  """eta1 U_+ diag(h(s_+)) V_+^T (+ eta2 G_perp) for one matrix, written as
+  eta2 G plus one low-rank product, which XLA fuses into its consumer: no
+  (m, n) temporary."""
+  u, s, v = new
+  dtype = jnp.promote_types(u.dtype, jnp.float32)
+  s = s.astype(dtype)
   live = (s > 0) & (s > eps)
   if max_inverse is None:
-    h = jnp.where(live, 1, 0).astype(s.dtype)
+    h = jnp.where(live, 1, 0).astype(dtype)
   else:
-    h = jnp.where(live, jnp.minimum(1 / jnp.where(live, s, 1), max_inverse), 0).astype(s.dtype)
-  lefts, rights = [eta1 * new.u * h], [new.v]
-  if with_perp:
-    # G_perp - G = -U (U^T G) - ((I - U U^T) G V) V^T
-    if current_projection:
-      utg = _left_product(new.u, g).astype(s.dtype)
-      gv = _right_product(g, new.v).astype(s.dtype)
-      pieces = (utg, gv - _mm(new.u, _gram(new.u, gv)))
-      basis_u, basis_v = new.u, new.v
-    else:
-      # Under donation the new factors take the old ones' buffers, and XLA
-      # copies the old factors for this late read, at the start of the
-      # program and for every parameter at once (temp memory growing with
-      # depth). A product with the identity is a copy made here instead,
-      # after the previous parameter (tests/test_mofasgd.py guards this).
-      eye = jnp.eye(s.shape[-1], dtype=s.dtype)
-      basis_u, basis_v = _mm(old.u, eye), _mm(old.v, eye)
-    utg, outside_v = pieces
-    lefts += [-eta2 * basis_u, -eta2 * outside_v]
-    rights += [_t(utg), basis_v]
-  return jnp.concatenate(lefts, -1), jnp.concatenate(rights, -1)
+    h = jnp.where(live, jnp.minimum(1 / jnp.where(live, s, 1), max_inverse), 0).astype(dtype)
+  lefts, rights = [eta1 * u.astype(dtype) * h], [v.astype(dtype)]
+  if perp is not None:
+    lefts += [-eta2 * perp.u.astype(dtype), -eta2 * perp.outside_v.astype(dtype)]
+    rights += [_t(perp.utg).astype(dtype), perp.v.astype(dtype)]
+  left, right = jnp.concatenate(lefts, -1), jnp.concatenate(rights, -1)
+  out = reconstruct(LowRankFactors(left, jnp.ones(left.shape[-1], dtype), right))
+  if perp is not None:
+    out = eta2 * g + out
+  return out.astype(g.dtype)
 
 
 def _check_args(rank, b, eta1, eta2, max_inverse, eps, init, adam_b1, adam_b2, adam_eps, adam_eps_root):
@@ -443,64 +457,59 @@ def scale_by_mofasgd(
         nu=_place_plain(params, nus),
     )
 
-  def update_matrix(g, factors, view, b_t):
-    batch_shape, _, _ = mv.matrix_shape(g.shape, view)
-    dtype = compute_dtype(g.dtype)
-    scale = 1 - b_t if ema else 1.0
-
-    def one(xs):
-      g, f = xs
-      old = jax.tree.map(lambda x: x.astype(dtype), f)
-      new, pieces = momentum_step(g, old, b_t, scale)
-      left, right = _direction_factors(
-          g, old, new, pieces, eta1=eta1, eta2=eta2, max_inverse=max_inverse,
-          eps=eps, current_projection=current_projection, with_perp=with_perp,
-      )
-      if with_perp:  # the new factors wait for those copies (smaller temp)
-        new = serialize_after([left, right], new)
-      u = reconstruct(LowRankFactors(left, jnp.ones(left.shape[-1], left.dtype), right))
-      u = (eta2 * g + u if with_perp else u).astype(g.dtype)
-      return u, jax.tree.map(lambda x: x.astype(factor_dtype), new)
-
-    g_mat = mv.to_matrices(g, view)
-    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[len(batch_shape):]), factors)
-    if g_mat.shape[0] == 1:  # one matrix: no loop
-      u, new = one(jax.tree.map(lambda x: x[0], (g_mat, flat)))
-      u, new = jax.tree.map(lambda x: x[None], (u, new))
-    else:  # the matrices of a stack one at a time (lax.map, not vmap)
-      u, new = jax.lax.map(one, (g_mat, flat))
-    new = jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), new)
-    return mv.from_matrices(u, view, g.shape), new
-
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     paths_and_g, params_def = jax.tree_util.tree_flatten_with_path(updates)
+    count = optax.safe_increment(state.count)
     if not paths_and_g:
-      return updates, state._replace(count=optax.safe_increment(state.count))
+      return updates, state._replace(count=count)
     views = params_def.flatten_up_to(views_of(updates))
     mus = _entries(params_def, state.mu, 'mu')
     nus = _entries(params_def, state.nu, 'nu')
     b_t = b(state.count) if callable(b) else b
-    outs, new_mus, new_nus, done = [], [], [], None
-    for (path, g), view, mu, nu in zip(paths_and_g, views, mus, nus):
+    scale = 1 - b_t if ema else 1.0
+
+    leaves = []
+    for i, ((path, g), view, mu, nu) in enumerate(zip(paths_and_g, views, mus, nus)):
       _check_leaf(path, g, mu, nu, view, rank)
-      if done is not None:  # one parameter at a time: wait for the previous one
-        g, mu, nu = serialize_after(done, (g, mu, nu))
+      if view is not None:
+        batch_ndim = len(mv.matrix_shape(g.shape, view)[0])
+        factors = jax.tree.map(
+            lambda x: x.reshape((-1,) + x.shape[batch_ndim:]), flax_adapter.as_moment(mu))
+        leaves.append(leaf_groups.Leaf(i, mv.to_matrices(g, view), None, {'mu': factors}, True))
+
+    def matrix(key, g, p, entries, x):
+      """One matrix's new factors (and G_perp's pieces): small results only."""
+      del key, p, x
+      old = jax.tree.map(lambda y: y.astype(compute_dtype(g.dtype)), entries['mu'])
+      new, pieces = momentum_step(g, old, b_t, scale)
+      out = {'mu': jax.tree.map(lambda y: y.astype(factor_dtype), new)}
+      if with_perp:
+        out['perp'] = _perp_pieces(g, old, new, pieces, current_projection)
+      return out
+
+    # One loop per group of same-shaped matrices, one group at a time.
+    results = leaf_groups.map_matrices(leaves, matrix, jax.random.key(0))
+
+    outs, new_mus, new_nus = [], [], []
+    for i, ((_, g), view, mu, nu) in enumerate(zip(paths_and_g, views, mus, nus)):
       if view is None:
         u, adam_state = adam.update(g, optax.ScaleByAdamState(state.count, mu, nu))
-        new_mu, new_nu = adam_state.mu, adam_state.nu
-        done = [new_mu, new_nu]
-      else:
-        u, new_mu = update_matrix(g, flax_adapter.as_moment(mu), view, b_t)
-        new_nu = optax.MaskedNode()
-        done = [new_mu]
-      outs.append(u)
-      new_mus.append(new_mu)
-      new_nus.append(new_nu)
+        outs.append(u)
+        new_mus.append(adam_state.mu)
+        new_nus.append(adam_state.nu)
+        continue
+      new, perp = results[i]['mu'], results[i].get('perp')
+      # Elementwise over the matrices: fused into the consumer of the update.
+      u = jax.vmap(functools.partial(
+          _direction, eta1=eta1, eta2=eta2, max_inverse=max_inverse, eps=eps,
+      ))(mv.to_matrices(g, view), new, perp)
+      batch_shape = mv.matrix_shape(g.shape, view)[0]
+      outs.append(mv.from_matrices(u, view, g.shape))
+      new_mus.append(jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), new))
+      new_nus.append(optax.MaskedNode())
     return params_def.unflatten(outs), ScaleByMoFaSGDState(
-        count=optax.safe_increment(state.count),
-        mu=params_def.unflatten(new_mus),
-        nu=params_def.unflatten(new_nus),
+        count=count, mu=params_def.unflatten(new_mus), nu=params_def.unflatten(new_nus),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
