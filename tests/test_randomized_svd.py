@@ -189,7 +189,7 @@ def test_orthonormalize_resolves_a_condition_number_near_one_over_eps(rows):
   y = _graded(200, 5, np.geomspace(1, 1e-6, 5), seed=3) @ rng.normal(size=(5, 5))
   y = jnp.asarray(y, jnp.float32)
   from mlorc_optax._src import randomized_svd as rsvd
-  q = rsvd._orthonormal_rows(y.T).T if rows else rsvd.orthonormalize(y)
+  q = rsvd._rows(y.T).T if rows else rsvd.orthonormalize(y)
   q = np.asarray(q, np.float64)
   np.testing.assert_allclose(q.T @ q, np.eye(5), atol=1e-5)
   exact, _ = np.linalg.qr(np.asarray(y, np.float64))

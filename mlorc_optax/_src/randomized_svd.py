@@ -137,8 +137,11 @@ def _whitening(gram: jax.Array, shifted: bool) -> jax.Array:
   return e * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)[..., None, :]
 
 
-# Two shifted passes, then CholeskyQR2: see `orthonormalize`.
-_PASSES = (True, True, False, False)
+# Gram passes (True: shifted), see `orthonormalize`: two shifted passes give
+# a well-conditioned basis of the span, which is all that the inner steps of
+# the power iteration need; two plain ones then make it orthonormal.
+_SPANNING = (True, True)
+_ORTHONORMAL = (True, True, False, False)
 
 
 def orthonormalize(y: jax.Array) -> jax.Array:
@@ -161,8 +164,13 @@ def orthonormalize(y: jax.Array) -> jax.Array:
   only an exactly degenerate one (a zero y, or columns that stay exactly
   dependent) becomes a zero column, never NaN.
   """
+  return _columns(y, _ORTHONORMAL)
+
+
+def _columns(y: jax.Array, passes: tuple[bool, ...]) -> jax.Array:
+  """y after the Gram passes `passes` (True: shifted) of `orthonormalize`."""
   y = y / _scale(y)  # Gram entries of 1e30-sized inputs would overflow
-  for shifted in _PASSES:
+  for shifted in passes:
     y = jnp.matmul(y, _whitening(_gram(y, y), shifted))
   return y
 
@@ -180,10 +188,10 @@ def _right_product(a: jax.Array, b: jax.Array) -> jax.Array:
   return _matmul(a, b, spec[:-1] + (None,))
 
 
-def _orthonormal_rows(w: jax.Array) -> jax.Array:
-  """`orthonormalize` of w^T, returned transposed, without transposing w."""
+def _rows(w: jax.Array, passes: tuple[bool, ...] = _ORTHONORMAL) -> jax.Array:
+  """`_columns` of w^T, returned transposed, without transposing w."""
   w = w / _scale(w)
-  for shifted in _PASSES:
+  for shifted in passes:
     wt = jnp.swapaxes(w, -1, -2)
     w = jnp.matmul(jnp.swapaxes(_whitening(_gram(wt, wt), shifted), -1, -2), w)
   return w
@@ -195,15 +203,15 @@ def _small_svd(q: jax.Array, b: jax.Array, rank: int) -> LowRankFactors:
   b = R Z with Z (k, n) an orthonormal basis of b's rows and R = b Z^T
   (k, k); with R = X diag(s) Y^T: u = q X, v = Z^T Y. Unlike an
   eigendecomposition of b b^T, this does not square b's condition number,
-  so singular values down to rounding level (~k eps s_1) are resolved; those
-  below 4 k eps s_1 are set to zero, with their columns of u and v.
+  so singular values down to rounding level (~eps s_1) are resolved; those
+  below k eps s_1 are set to zero, with their columns of u and v.
   """
   c = _scale(b)
   b = b / c
-  z = _orthonormal_rows(b)
+  z = _rows(b)
   x, s, yt = jnp.linalg.svd(_gram(jnp.swapaxes(b, -1, -2), jnp.swapaxes(z, -1, -2)))
   x, s, yt = x[..., :rank], s[..., :rank], yt[..., :rank, :]
-  keep = s > 4 * b.shape[-2] * _eps(b) * s[..., :1]
+  keep = s > b.shape[-2] * _eps(b) * s[..., :1]
   keep_cols = keep[..., None, :].astype(b.dtype)
   u = jnp.matmul(q, x) * keep_cols
   v = jnp.matmul(jnp.swapaxes(z, -1, -2), jnp.swapaxes(yt, -1, -2)) * keep_cols
@@ -292,9 +300,12 @@ def randomized_svd(
     lead = jnp.nan_to_num(warm_start[..., :j].astype(a.dtype), posinf=0, neginf=0)
     lead = lead + 0.1 * omega[..., :j] / n**0.5
     omega = jnp.concatenate([lead, omega[..., j:]], axis=-1)
-  q = orthonormalize(_right_product(a, p * omega))
-  for _ in range(power_iters):
-    z = _orthonormal_rows(_left_product(p * q, a))  # orth(a^T q), kept as (k, n) rows
-    q = orthonormalize(_right_product(a, p * jnp.swapaxes(z, -1, -2)))
+  # Only the last basis of A's range must be orthonormal (it becomes u);
+  # the ones before need only span.
+  last = lambda i: _ORTHONORMAL if i == power_iters else _SPANNING
+  q = _columns(_right_product(a, p * omega), last(0))
+  for i in range(1, power_iters + 1):
+    z = _rows(_left_product(p * q, a), _SPANNING)  # a^T q, kept as (k, n) rows
+    q = _columns(_right_product(a, p * jnp.swapaxes(z, -1, -2)), last(i))
   f = _small_svd(q, _left_product(p * q, a), rank)
   return _capped(f._replace(s=f.s / p))
