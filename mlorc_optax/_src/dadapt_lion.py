@@ -217,8 +217,8 @@ def scale_by_dadapt_lion(
     rank: rank of the stored state.
     compress: which parameters to compress and how to view them as matrices;
       see `compress_moments`. False compresses none: full-state D-Adapt Lion.
-    min_dim_size: the default policy compresses parameters whose last two
-      axes both have at least this many entries (None: 128).
+    min_dim_size: smallest matrix side the default policy compresses; None
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD (None: 0).
     power_iters: power iterations of the randomized SVD (None: 0, as the
       MLorc reference code does for Lion).
@@ -293,8 +293,8 @@ def dadapt_lion(
     rank: rank of the stored state.
     compress: which parameters to compress and how to view them as matrices;
       see `compress_moments`. False compresses none: full-state D-Adapt Lion.
-    min_dim_size: the default policy compresses parameters whose last two
-      axes both have at least this many entries (None: 128).
+    min_dim_size: smallest matrix side the default policy compresses; None
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD (None: 0).
     power_iters: power iterations of the randomized SVD (None: 0).
     factor_dtype: dtype (or its name) of the stored factors.

@@ -283,8 +283,8 @@ def scale_by_prodigy(
     rank: rank of the stored moments.
     compress: which parameters to compress and how to view them as matrices;
       see `compress_moments`. False compresses none: full-state Prodigy.
-    min_dim_size: the default policy compresses parameters whose last two
-      axes both have at least this many entries (None: 128).
+    min_dim_size: smallest matrix side the default policy compresses; None
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD (None: 0).
     power_iters: power iterations of the randomized SVD (None: 1).
     factor_dtype: dtype (or its name) of the stored factors.
@@ -369,8 +369,8 @@ def prodigy(
     rank: rank of the stored moments.
     compress: which parameters to compress and how to view them as matrices;
       see `compress_moments`. False compresses none: full-state Prodigy.
-    min_dim_size: the default policy compresses parameters whose last two
-      axes both have at least this many entries (None: 128).
+    min_dim_size: smallest matrix side the default policy compresses; None
+      for the library default (64).
     oversample: extra test vectors of the randomized SVD (None: 0).
     power_iters: power iterations of the randomized SVD (None: 1).
     factor_dtype: dtype (or its name) of the stored factors.
