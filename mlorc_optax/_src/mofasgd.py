@@ -154,7 +154,10 @@ def _kept(s: jax.Array) -> jax.Array:
   return s > tol
 
 
-def _init_matrices(w: jax.Array, rank: int, init: str, key: jax.Array, oversample: int, power_iters: int, dtype: Any) -> LowRankFactors:
+def _init_matrices(
+    w: jax.Array, rank: int, init: str, key: jax.Array, oversample: int,
+    power_iters: int, dtype: Any,
+) -> LowRankFactors:
   """Initial factors of a (batch, m, n) stack of matrices."""
   spec = _spec(w)
   batch, (m, n) = w.shape[:-2], w.shape[-2:]
@@ -165,7 +168,8 @@ def _init_matrices(w: jax.Array, rank: int, init: str, key: jax.Array, oversampl
     keep = _kept(f.s) & (f.s > 0)
     u, s, v = f.u.astype(dtype), jnp.where(keep, f.s, 0).astype(dtype), f.v.astype(dtype)
   else:
-    u, s, v = jnp.zeros(batch + (m, r), dtype), jnp.zeros(batch + (r,), dtype), jnp.zeros(batch + (n, r), dtype)
+    u, v = jnp.zeros(batch + (m, r), dtype), jnp.zeros(batch + (n, r), dtype)
+    s = jnp.zeros(batch + (r,), dtype)
     keep = jnp.zeros(batch + (r,), bool)
   u = _orthonormal_start(u, keep, key_u, spec[:-1])
   v = _orthonormal_start(v, keep, key_v, spec[:-2] + spec[-1:])
@@ -176,14 +180,14 @@ def _thin_qr(u: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arra
   """[u | y] = Q R (Q: (d, 2r), R = Q^T [u | y]: (2r, 2r)), and which columns
   of Q are nonzero.
 
-  y is scaled to u's size first: the span is the same, and the columns of
-  u (orthonormal) are then never small next to a large gradient's.
+  y is scaled to entries of at most 1 first (the span is the same), so that
+  the unit columns of u are never lost next to a large gradient's.
   `orthonormalize` returns a zero column for an exactly degenerate direction
   (a zero gradient) and a unit one orthogonal to the others for a direction
   at rounding level; both are handled by the caller.
   """
   top = jnp.max(jnp.abs(y))
-  if _explicit_mesh():  # the blocks must agree; y's rows are as thin as u's
+  if _explicit_mesh():  # the blocks must share one sharding: u's (thin)
     y = jax.sharding.reshard(y, P(*_spec(u)))
   q = orthonormalize(jnp.concatenate([u, y / jnp.where(top > 0, top, 1)], axis=-1))
   r = _gram(q, jnp.concatenate([u, y], axis=-1))
@@ -290,13 +294,16 @@ def _direction(
   return out.astype(g.dtype)
 
 
-def _check_args(rank, b, eta1, eta2, max_inverse, eps, init, adam_b1, adam_b2, adam_eps, adam_eps_root):
+def _check_args(
+    rank, b, eta1, eta2, max_inverse, eps, init, adam_b1, adam_b2, adam_eps, adam_eps_root
+) -> None:
   validation.check_positive_int('rank', rank)
   if not callable(b):
     validation.check_in_unit_interval('b', b)
   validation.check_in_unit_interval('adam_b1', adam_b1)
   validation.check_in_unit_interval('adam_b2', adam_b2)
-  for name, value in (('eta1', eta1), ('eta2', eta2), ('eps', eps), ('adam_eps', adam_eps), ('adam_eps_root', adam_eps_root)):
+  non_negative = dict(eta1=eta1, eta2=eta2, eps=eps, adam_eps=adam_eps, adam_eps_root=adam_eps_root)
+  for name, value in non_negative.items():
     validation.check_non_negative(name, value)
   if max_inverse is not None:
     validation.check_non_negative('max_inverse', max_inverse)
@@ -340,8 +347,8 @@ def scale_by_mofasgd(
       + c\, P_T(G)\big),\qquad
     u = \eta_1 U_+ \mathrm{diag}(h(s_+)) V_+^T + \eta_2 (I - UU^T) G (I - VV^T),
 
-  computed from two thin orthonormalisations (m x r, n x r, against the
-  orthonormal U and V) and the SVD of a (2r x 2r) matrix; the full momentum
+  computed from two thin orthonormalisations, of [U | G V] (m x 2r) and
+  [V | G^T U] (n x 2r), and the SVD of a (2r x 2r) matrix; the full momentum
   is never formed, and the state of an (m, n) matrix is r(m + n + 1) numbers.
   Every other parameter (vectors, scalars, small matrices) is updated with
   `optax.scale_by_adam`, as in the paper's setup.
@@ -415,6 +422,8 @@ def scale_by_mofasgd(
     Efficient Training, arXiv 2507.08091, 2025.
     Shen et al., MLorc: Momentum Low-rank Compression for Memory Efficient
     Large Language Model Adaptation, arXiv 2506.01897.
+    Halko, Martinsson and Tropp, Finding Structure with Randomness, SIAM
+    Review 2011 (the initial SVD of ``init='params'``).
   """
   _check_args(rank, b, eta1, eta2, max_inverse, eps, init, adam_b1, adam_b2, adam_eps, adam_eps_root)
   if min_dim_size is not None:
