@@ -122,13 +122,14 @@ def _map_group(members: list[Leaf], fn: MatrixFn, key: jax.Array, xs: list[Any],
     return fn(key_m, g, p, {**others, **factors}, extra)
 
   # One switch per array the step reads; an unused one (the parameter, the
-  # gradient in the fill pass) stands as zeros that XLA drops, since every
-  # switch branch is a computation of its own to compile.
-  zeros = lambda n, j, b: jnp.zeros(columns[n][0].shape[1:], columns[n][0].dtype)
+  # gradient in the fill pass) stands as the first member's first matrix,
+  # which XLA drops: every switch branch is a computation of its own to
+  # compile. (A real slice, not zeros, so that it keeps its sharding.)
+  stand_in = lambda n, j, b: _index(columns[n][0], 0)
   first = jax.tree.map(lambda x: x[0], small)
   used = _used_inputs(lambda *arrays: matrix(
-      0, 0, 0, *first, lambda n, j, b: arrays[n]), [zeros(n, 0, 0) for n in range(len(columns))])
-  read = lambda n, j, b: _read(columns[n], j, b) if used[n] else zeros(n, j, b)
+      0, 0, 0, *first, lambda n, j, b: arrays[n]), [stand_in(n, 0, 0) for n in range(len(columns))])
+  read = lambda n, j, b: _read(columns[n], j, b) if used[n] else stand_in(n, j, b)
 
   def body(carry, x):
     j, b, i, (factors, extra) = x
