@@ -4,6 +4,3 @@
 # count (XLA_FLAGS) before jax is imported, so --doctest-modules must not
 # import them into the test process (its later subprocesses would inherit it).
 collect_ignore_glob = ['*multidevice_run.py']
-
-# Transitional: test files not yet moved to `from helpers import ...`.
-from helpers import COMPRESS_ALL, gradient, make_params  # noqa: E402,F401

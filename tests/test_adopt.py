@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from conftest import COMPRESS_ALL, gradient, make_params
+from helpers import COMPRESS_ALL, gradient, make_params
 
 FULL_RANK = 16  # >= min(m, n) of every matrix in make_params
 

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from conftest import gradient
+from helpers import gradient
 
 M, N, R = 12, 9, 3
 
