@@ -444,6 +444,8 @@ def scale_by_mofasgd(
 
   def init_fn(params):
     leaves, params_def = jax.tree.flatten(params)
+    if not leaves:  # no parameters, or optax.tree.map_params's placeholder
+      return ScaleByMoFaSGDState(count=jnp.zeros([], jnp.int32), mu=params, nu=params)
     views = params_def.flatten_up_to(views_of(params))
     key = jax.random.key(seed)
     mus, nus = [], []
