@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from mlorc_optax._src.dadapt_lion import dadapt_lion_leafwise
+from mlorc_optax._src.optimizers.dadapt_lion import dadapt_lion_leafwise
 from mlorc_optax._src.leafwise import LeafwiseState, full_state_transformation
 from helpers import COMPRESS_ALL, make_params
 

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from mlorc_optax._src import adam_atan2
+from mlorc_optax._src.optimizers import adam_atan2
 from mlorc_optax._src import repair
 
 

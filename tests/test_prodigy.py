@@ -9,7 +9,7 @@ import pytest
 
 import mlorc_optax as mlorc
 from mlorc_optax._src.leafwise import LeafwiseState, full_state_transformation
-from mlorc_optax._src.prodigy import prodigy_leafwise
+from mlorc_optax._src.optimizers.prodigy import prodigy_leafwise
 from helpers import COMPRESS_ALL, gradient, make_params
 
 FULL_RANK = 16  # >= min(m, n) of every matrix in make_params

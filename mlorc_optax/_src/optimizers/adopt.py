@@ -9,7 +9,7 @@ import optax
 
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
-from mlorc_optax._src.alias import STATIC_ARGS
+from mlorc_optax._src.optimizers.alias import STATIC_ARGS
 from mlorc_optax._src.compress_moments import compress_moments
 
 # Under `optax.inject_hyperparams` a callable argument is taken for a schedule,

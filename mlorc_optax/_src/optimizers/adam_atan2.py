@@ -41,7 +41,7 @@ def scale_by_adam_atan2(
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from mlorc_optax._src.adam_atan2 import scale_by_adam_atan2
+    >>> from mlorc_optax._src.optimizers.adam_atan2 import scale_by_adam_atan2
     >>> tx = scale_by_adam_atan2()
     >>> params = {'w': jnp.array([1.0, -2.0, 0.0])}
     >>> updates, state = tx.update(params, tx.init(params))

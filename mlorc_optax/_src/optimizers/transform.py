@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import optax
 
-from mlorc_optax._src import adam_atan2
+from mlorc_optax._src.optimizers import adam_atan2
 from mlorc_optax._src import validation
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src.compress_moments import compress_moments

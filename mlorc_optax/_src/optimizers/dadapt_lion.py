@@ -25,8 +25,8 @@ from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
 from mlorc_optax._src.compress_moments import compress_moments
 from mlorc_optax._src.leafwise import LeafwiseTransformation
-from mlorc_optax._src.alias import STATIC_ARGS
-from mlorc_optax._src.d_adaptation import check_positive, resolve_s_stride, strided
+from mlorc_optax._src.optimizers.alias import STATIC_ARGS
+from mlorc_optax._src.optimizers.d_adaptation import check_positive, resolve_s_stride, strided
 
 # Under optax.inject_hyperparams, `s_stride` (an int that fixes a shape) must
 # stay static too: `inject_hyperparams(mlorc.dadapt_lion, static_args=mlorc.DADAPT_LION_STATIC_ARGS)`.

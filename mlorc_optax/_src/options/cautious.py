@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mlorc_optax._src.grams import direction_sign
+from mlorc_optax._src.options.grams import direction_sign
 
 # Lower bound of the kept fraction in the rescaling: when almost nothing is
 # kept, the few kept entries grow at most 1000-fold.

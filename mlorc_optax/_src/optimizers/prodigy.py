@@ -26,9 +26,9 @@ import optax
 
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
-from mlorc_optax._src.alias import STATIC_ARGS
+from mlorc_optax._src.optimizers.alias import STATIC_ARGS
 from mlorc_optax._src.compress_moments import compress_moments
-from mlorc_optax._src.d_adaptation import check_positive, resolve_s_stride, strided
+from mlorc_optax._src.optimizers.d_adaptation import check_positive, resolve_s_stride, strided
 from mlorc_optax._src.leafwise import LeafwiseTransformation
 
 # Under optax.inject_hyperparams, `s_stride` (an int that fixes a shape) must

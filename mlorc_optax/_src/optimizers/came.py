@@ -15,7 +15,7 @@ import optax
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
 from mlorc_optax._src.compress_moments import compress_moments
-from mlorc_optax._src.d_adaptation import check_positive
+from mlorc_optax._src.optimizers.d_adaptation import check_positive
 from mlorc_optax._src.leafwise import LeafwiseTransformation
 
 _NAMES = ('exp_avg', 'exp_avg_sq', 'exp_avg_sq_row', 'exp_avg_sq_col', 'exp_avg_res_row', 'exp_avg_res_col')

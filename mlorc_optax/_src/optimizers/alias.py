@@ -11,7 +11,7 @@ import jax
 import optax
 
 from mlorc_optax._src import matrix_view as mv
-from mlorc_optax._src import transform
+from mlorc_optax._src.optimizers import transform
 
 # The MLorc options that fix array shapes or dtypes, or may be callables. Under
 # `optax.inject_hyperparams` an int or a callable argument is traced or taken
