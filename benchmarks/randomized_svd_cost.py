@@ -11,6 +11,8 @@ shared machine falls on all of them alike; the tables give medians.
   * `new / old`: the current function against the baseline, called on an
     array that is a jit argument. It then includes the pass that reads NaN
     as 0 and +-Inf as +-F (`_finite`), which XLA:CPU materialises here.
+  * `fused`: both called on a matrix that an elementwise op makes in the
+    same program, as a moment is made in training: `_finite` fuses there.
   * `in optimizer`: `mlorc.adamw` / `mlorc.lion` updates with the current
     function against the same updates with the baseline swapped in. There
     `_finite` fuses into the producer of the moment, as in training.
@@ -146,6 +148,10 @@ def _standalone_rows(rounds):
         'new': jax.jit(lambda a, k: mlorc.randomized_svd(a, RANK, k)),
         'old q=0': jax.jit(lambda a, k: old_randomized_svd(a, RANK, k, power_iters=0)),
         'new q=0': jax.jit(lambda a, k: mlorc.randomized_svd(a, RANK, k, power_iters=0)),
+        # The matrix made by an elementwise op in the same program, as a
+        # moment is in training: `_finite` fuses into it.
+        'old fused': jax.jit(lambda a, k: old_randomized_svd(jnp.abs(a) - 0.5, RANK, k)),
+        'new fused': jax.jit(lambda a, k: mlorc.randomized_svd(jnp.abs(a) - 0.5, RANK, k)),
     }
     runs = {name: (lambda f=f: jax.block_until_ready(f(a, key))) for name, f in fns.items()}
     update = jax.jit(lambda g, s: adamw.update(g, s, g))
@@ -158,6 +164,7 @@ def _standalone_rows(rounds):
         new_over_old=_ratio(t, 'new', 'old'),
         new_over_adamw=_ratio(t, 'new', 'optax.adamw update'),
         old_over_adamw=_ratio(t, 'old', 'optax.adamw update'),
+        new_over_old_fused=_ratio(t, 'new fused', 'old fused'),
         new_over_old_q0=_ratio(t, 'new q=0', 'old q=0'),
         new_over_adamw_q0=_ratio(t, 'new q=0', 'optax.adamw update'),
         new_over_old_wall=_ratio(t, 'new', 'old', column=0),
