@@ -147,6 +147,7 @@ def _graded(m, n, s, seed=0):
 
 
 KEYS = 2000  # one batched call: the batch draws a test matrix per copy
+_factor_copies = jax.jit(lambda a: mlorc.randomized_svd(a, 4, jax.random.key(0)))
 
 
 @pytest.mark.parametrize('ratio', [1e-1, 1e-2, 1e-3, 1e-4, 1e-5])
@@ -156,9 +157,7 @@ def test_float32_keeps_every_direction_of_a_rank_k_matrix(matrix_rank, ratio):
   # passes, 1% to 100% of the keys lost the last direction below 1e-2.
   s = np.geomspace(1, ratio, matrix_rank)
   a = _graded(64, 48, s).astype(np.float32)
-  f = jax.jit(lambda a: mlorc.randomized_svd(a, 4, jax.random.key(0)))(
-      jnp.broadcast_to(jnp.asarray(a), (KEYS, 64, 48))
-  )
+  f = _factor_copies(jnp.broadcast_to(jnp.asarray(a), (KEYS, 64, 48)))
   got = np.asarray(f.s)
   # Every key finds every direction, to float32 rounding of the largest one.
   eps = np.finfo(np.float32).eps
