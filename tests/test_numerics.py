@@ -147,10 +147,6 @@ def test_overflowed_second_moment_keeps_optax_zero_update_there():
     np.testing.assert_allclose(np.asarray(got[t]['w'])[3, 4], np.asarray(want[t]['w'])[3, 4], atol=1e-9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='until matrix_step.Compressor casts factors with randomized_svd.cast_factors',
-)
 def test_float64_moments_beyond_float32_range_stay_finite():
   # float64 moments are factored in float64, then stored as float32 factors:
   # a singular value above float32's range became inf, and reconstruct NaN.

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mlorc_optax._src import repair
 from mlorc_optax._src.leafwise import LeafwiseTransformation
-from mlorc_optax._src.randomized_svd import LowRankFactors, randomized_svd, reconstruct
+from mlorc_optax._src.randomized_svd import LowRankFactors, cast_factors, randomized_svd, reconstruct
 
 
 class Compressor(NamedTuple):
@@ -36,7 +36,7 @@ class Compressor(NamedTuple):
         x, self.rank, key, oversample=self.oversample, power_iters=self.power_iters,
         warm_start=previous.v if self.warm_start and previous is not None else None,
     )
-    return jax.tree.map(lambda y: y.astype(self.factor_dtype), f)
+    return cast_factors(f, self.factor_dtype)
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -91,7 +91,9 @@ def update(lw, g, p, entries, fills, glob, glob_mid) -> tuple[jax.Array, dict[st
   not moments, and the stats. Recomputed apart from `new_factors`, so that
   XLA can fuse the update into its consumers."""
   u, new, stats = _inner_update(lw, g, p, entries, fills, glob, glob_mid)
-  return u.astype(g.dtype), {k: v for k, v in new.items() if k not in lw.moments}, stats
+  # Entries that are not moments keep their dtype (float16 ones were updated in float32).
+  others = {k: v.astype(entries[k].dtype) for k, v in new.items() if k not in lw.moments}
+  return u.astype(g.dtype), others, stats
 
 
 def prepare(lw, g, p, entries, fills, glob) -> Any:

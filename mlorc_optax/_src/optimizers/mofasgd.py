@@ -493,6 +493,10 @@ def scale_by_mofasgd(
       """One matrix's new factors (and G_perp's pieces): small results only."""
       del key, p, x
       old = jax.tree.map(lambda y: y.astype(compute_dtype(g.dtype)), entries['mu'])
+      # A NaN or inf entry of G would spread through G V and G^T U into every
+      # factor for good; the factors see it as 0 (optax's momentum methods
+      # would keep it in that one entry).
+      g = jnp.where(jnp.isfinite(g), g, 0)
       new, pieces = momentum_step(g, old, b_t, scale)
       out = {'mu': jax.tree.map(lambda y: y.astype(factor_dtype), new)}
       if with_perp:
