@@ -163,3 +163,20 @@ def test_float64_moments_beyond_float32_range_stay_finite():
       assert np.all(np.isfinite(np.asarray(u[key])[finite]))
   for leaf in jax.tree.leaves(states[-1]):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_repair_fill_of_a_moment_near_the_float_range_is_finite():
+  # The repair's fill sums negative magnitudes: summed unscaled, a moment
+  # near float32's largest value gave an infinite fill, and ADOPT then NaN.
+  tx = mlorc.adopt(1e-2, compress=True)
+  params = {'w': jnp.zeros((64, 32))}
+  reference = optax.contrib.adopt(1e-2)
+  state, ref_state = tx.init(params), reference.init(params)
+  rng = np.random.default_rng(0)
+  spike = rng.normal(size=(64, 32)).astype(np.float32) * 1e20
+  later = rng.normal(size=(64, 32)).astype(np.float32)
+  later[rng.random((64, 32)) < 0.1] = np.inf
+  for g in (spike, later):
+    u, state = tx.update({'w': jnp.asarray(g)}, state, params)
+    want, ref_state = reference.update({'w': jnp.asarray(g)}, ref_state, params)
+  assert not np.any(np.isnan(np.asarray(u['w'])) & np.isfinite(np.asarray(want['w'])))

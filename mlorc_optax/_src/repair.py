@@ -23,7 +23,9 @@ def _mean_magnitude(total: jax.Array, count: jax.Array) -> jax.Array:
 def repair_nonnegative(x: jax.Array, fill: jax.Array | None = None) -> jax.Array:
   """Replaces negative entries by the mean of their magnitudes (MLorc step 2)."""
   if fill is None:
-    fill = _mean_magnitude(*_negative_sum_and_count(x))
+    top = jnp.max(jnp.abs(x))
+    scale = jnp.where(top > 0, top, jnp.ones_like(top))  # no overflow in the sum
+    fill = _mean_magnitude(*_negative_sum_and_count(x / scale)) * scale
   return jnp.where(x < 0, fill.astype(x.dtype), x)
 
 
@@ -62,6 +64,12 @@ def negative_fill(f: LowRankFactors, *, chunk_rows: int | None = None) -> jax.Ar
     The mean magnitude of the negative entries of reconstruct(f), 0 if none.
   """
   m, n = f.u.shape[0], f.v.shape[0]
+  # Summed on the matrix divided by its largest singular value, so that the
+  # sum cannot overflow for a moment near the float range (its mean is then
+  # scaled back).
+  top = jnp.max(f.s)
+  scale = jnp.where(top > 0, top, jnp.ones_like(top))
+  f = f._replace(s=f.s / scale)
   c = _chunk_rows(m, n) if chunk_rows is None else max(1, min(chunk_rows, m))
   chunks, rest = divmod(m, c)
   stats = lambda u: _negative_sum_and_count(reconstruct(f._replace(u=u)))
@@ -76,4 +84,4 @@ def negative_fill(f: LowRankFactors, *, chunk_rows: int | None = None) -> jax.Ar
   if rest:
     rest_total, rest_count = stats(f.u[chunks * c:])
     total, count = total + rest_total, count + rest_count
-  return _mean_magnitude(total, count)
+  return _mean_magnitude(total, count) * scale
