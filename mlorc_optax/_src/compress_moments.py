@@ -311,7 +311,7 @@ _FIX = ('Call init with parameters of the same structure and shapes as the '
 
 def _check_structures(updates, params, entry_trees) -> None:
   if params is not None:
-    tree_checks.check_matches(updates, params, 'the parameters', 'Pass parameters shaped like the updates.')
+    tree_checks.check_matches(updates, params, '`params`', 'Pass parameters shaped like the updates.')
   for tree in entry_trees.values():
     tree_checks.check_matches(updates, tree, 'the optimizer state', _FIX)
 

@@ -20,10 +20,10 @@ def first_difference(reference: Any, other: Any) -> str | None:
   covers = lambda a, b: b[:len(a)] == a  # a is a prefix of b
   for a in ref_paths:
     if not any(covers(a, b) for b in other_paths):
-      return f'it has no entry at {jax.tree_util.keystr(a)}'
+      return f'the updates have an entry at {jax.tree_util.keystr(a)}, {{what}} has none'
   for b in other_paths:
     if not any(covers(a, b) for a in ref_paths):
-      return f'it has an entry at {jax.tree_util.keystr(b)} that the updates lack'
+      return f'{{what}} has an entry at {jax.tree_util.keystr(b)} that the updates lack'
   return None
 
 
@@ -36,5 +36,5 @@ def check_matches(updates: Any, other: Any, what: str, fix: str) -> None:
     return
   except (ValueError, TypeError, KeyError):
     pass
-  where = first_difference(updates, other) or 'its tree structure differs'
+  where = (first_difference(updates, other) or '{what} has another tree structure').format(what=what)
   raise ValueError(f'`updates` do not match {what}: {where}. {fix}')

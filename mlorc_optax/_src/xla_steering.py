@@ -8,7 +8,9 @@ XLA:CPU, jax 0.10; GPU and TPU not yet measured):
   temporaries are alive at a time. XLA:CPU expands an optimization barrier
   before its concurrency-first scheduler, which then starts every
   parameter's reconstruction at once; a real data dependency is kept.
-  Guarded by tests/test_memory.py (temp bytes flat in depth).
+  Guarded by tests/test_memory.py (temp bytes flat in depth). Per backend
+  in `SERIALIZE_ON`: measured on CPU; kept on for GPU and TPU until measured
+  there (a scheduler that overlaps parameters would cost memory, not speed).
 - `randomized_svd._FUSED_RECONSTRUCT_MAX_RANK` (in `reconstruct`):
   up to this rank u diag(s) v^T is written as r outer products, which XLA
   fuses into the consumer instead of giving a matmul's (m, n) output its own
@@ -38,6 +40,10 @@ def _probe(x: Any) -> jax.Array:
   return jnp.sum(x.s if isinstance(x, LowRankFactors) else x).astype(jnp.float32)
 
 
+# Backends on which parameters are serialized (see the inventory above).
+SERIALIZE_ON = {'cpu': True, 'gpu': True, 'cuda': True, 'rocm': True, 'tpu': True}
+
+
 def serialize_after(done: Sequence[Any], tree: Any) -> Any:
   """`tree`, unchanged in value, computed only once everything in `done` is.
 
@@ -46,7 +52,7 @@ def serialize_after(done: Sequence[Any], tree: Any) -> Any:
   from one parameter into the next.
   """
   leaves = jax.tree.leaves(done, is_leaf=lambda x: isinstance(x, LowRankFactors))
-  if not leaves:
+  if not leaves or not SERIALIZE_ON.get(jax.default_backend(), True):
     return tree
   probe = sum(_probe(x) for x in leaves)
   zero = jnp.where(jnp.isfinite(probe), probe, 0.0) * 0.0
