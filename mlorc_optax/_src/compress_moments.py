@@ -17,6 +17,7 @@ import optax
 
 from mlorc_optax._src import flax_adapter
 from mlorc_optax._src import leaf_groups
+from mlorc_optax._src import leafwise
 from mlorc_optax._src import matrix_step
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import optax_inner
@@ -218,42 +219,47 @@ def compress_moments(
         n: [flax_adapter.as_moment(x) for x in params_def.flatten_up_to(t)]
         for n, t in entry_trees.items()
     }
-    paths = [jax.tree_util.keystr(k) for k in tree_checks.leaf_paths(updates)]
-    leaves = []
-    for i, (g, p, view) in enumerate(zip(g_leaves, p_leaves, views)):
-      entries = {n: per_name[n][i] for n in per_name}
-      _check_leaf(paths[i], g, entries, lw.moments, view, rank)
-      if view is None:
-        leaves.append(leaf_groups.Leaf(i, g, p, entries, False))
-      else:
-        batch_shape = mv.matrix_shape(g.shape, view)[0]
-        leaves.append(leaf_groups.Leaf(
-            i, mv.to_matrices(g, view), None if p is None else mv.to_matrices(p, view),
-            _batch_flat(entries, batch_shape), True,
-        ))
+    leaves = _leaves(updates, p_leaves, per_name, views, lw.moments, rank)
     key = jax.random.fold_in(jax.random.key(seed), count)
     glob_mid, results, stats = _passes(lw, compressor, leaves, glob, key)
 
-    out_updates, out_entries = [], {n: [] for n in per_name}
-    for leaf, view, g, (u, new) in zip(leaves, views, g_leaves, results):
-      if view is not None:
-        batch_shape = mv.matrix_shape(g.shape, view)[0]
-        u = mv.from_matrices(u, view, g.shape)
-        new = _batch_shaped(new, batch_shape)
-      out_updates.append(u)
-      for n in out_entries:
-        out_entries[n].append(new[n])
-    entries = {n: params_def.unflatten(e) for n, e in out_entries.items()}
+    out_updates, out_entries = _unflattened(updates, views, results, per_name)
     new_glob = lw.finalize(glob_mid, stats)
-    return params_def.unflatten(out_updates), CompressedMomentsState(
-        count, wrapped.state(entries, new_glob, count)
-    )
+    return out_updates, CompressedMomentsState(count, wrapped.state(out_entries, new_glob, count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _sum(trees: list[Any]) -> Any:
-  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *trees) if trees else ()
+def _leaves(updates, p_leaves, per_name, views, moments, rank) -> list[leaf_groups.Leaf]:
+  """Each parameter's inputs to the passes; compressed ones as (B, m, n) matrices."""
+  paths_and_g = jax.tree_util.tree_flatten_with_path(updates)[0]
+  leaves = []
+  for i, ((path, g), p, view) in enumerate(zip(paths_and_g, p_leaves, views)):
+    entries = {n: per_name[n][i] for n in per_name}
+    _check_leaf(jax.tree_util.keystr(path), g, entries, moments, view, rank)
+    if view is None:
+      leaves.append(leaf_groups.Leaf(i, g, p, entries, False))
+      continue
+    batch_shape = mv.matrix_shape(g.shape, view)[0]
+    leaves.append(leaf_groups.Leaf(
+        i, mv.to_matrices(g, view), None if p is None else mv.to_matrices(p, view),
+        _batch_flat(entries, batch_shape), True,
+    ))
+  return leaves
+
+
+def _unflattened(updates, views, results, per_name) -> tuple[Any, dict[str, Any]]:
+  """The passes' (update, new entries) per leaf, back in the parameters' layout and tree."""
+  g_leaves, params_def = jax.tree.flatten(updates)
+  out_updates, out_entries = [], {n: [] for n in per_name}
+  for view, g, (u, new) in zip(views, g_leaves, results):
+    if view is not None:
+      u = mv.from_matrices(u, view, g.shape)
+      new = _batch_shaped(new, mv.matrix_shape(g.shape, view)[0])
+    out_updates.append(u)
+    for n in out_entries:
+      out_entries[n].append(new[n])
+  return params_def.unflatten(out_updates), {n: params_def.unflatten(e) for n, e in out_entries.items()}
 
 
 def _batch_sum(tree: Any) -> Any:
@@ -285,7 +291,7 @@ def _passes(lw, compressor, leaves, glob, key):
         else lw.prepare_leaf(leaf.g, leaf.p, leaf.entries, glob)
         for leaf in leaves
     ]
-    glob_mid = lw.prepare(glob, _sum(pre))
+    glob_mid = lw.prepare(glob, leafwise.sum_stats(pre))
 
   factors = leaf_groups.map_matrices(
       leaves,
@@ -302,7 +308,7 @@ def _passes(lw, compressor, leaves, glob, key):
       u, new, st = lw.update_leaf(leaf.g, leaf.p, leaf.entries, glob, glob_mid)
       results.append((u, new))
       stats.append(st)
-  return glob_mid, results, _sum(stats)
+  return glob_mid, results, leafwise.sum_stats(stats)
 
 
 _FIX = ('Call init with parameters of the same structure and shapes as the '
