@@ -92,6 +92,13 @@ def section() -> str:
         common.table(r['rows']), '',
         f"![fine-tuning loss curves](benchmarks/results/{r['file'][:-len('.json')]}.png)", '',
     ]
+  for r in load('finetune_family_[!q]*.json'):
+    parts += [
+        f"**The rest of the family, fine-tuned** (`python examples/finetune_lm.py --family`, "
+        f"{r['device']}): the same model and data, each MLorc optimizer at rank 4 beside its "
+        'full-state version (MoFaSGD has none), one seed, learning rates not tuned.', '',
+        common.table(r['rows']), '',
+    ]
   return '\n'.join(parts).strip()
 
 

@@ -177,9 +177,27 @@ def optimizers(steps):
   }
 
 
+def family_optimizers(steps):
+  """The rest of the MLorc family at rank 4 beside its full-state versions."""
+  schedule = lambda peak: optax.warmup_cosine_decay_schedule(0.0, peak, max(steps // 10, 1), steps)
+  return {
+      'ADOPT (full)': lambda: optax.contrib.adopt(schedule(1e-3)),
+      'MLorc-ADOPT r4': lambda: mlorc.adopt(schedule(1e-3), rank=RANK),
+      'CAME (full)': lambda: mlorc.came(schedule(1e-3), compress=False),
+      'MLorc-CAME r4': lambda: mlorc.came(schedule(1e-3), rank=RANK),
+      'Prodigy (full)': lambda: mlorc.prodigy(schedule(1.0), s_stride=1, compress=False),
+      'MLorc-Prodigy r4': lambda: mlorc.prodigy(schedule(1.0), rank=RANK),
+      'D-Adapt Lion (full)': lambda: mlorc.dadapt_lion(schedule(1.0), s_stride=1, compress=False),
+      'MLorc-D-Adapt Lion r4': lambda: mlorc.dadapt_lion(schedule(1.0), rank=RANK),
+      'MoFaSGD r4': lambda: mlorc.mofasgd(schedule(1e-2), rank=RANK, adam_learning_rate=schedule(1e-3)),
+  }
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true', help='tiny model and few steps')
+  parser.add_argument('--family', action='store_true',
+                      help='ADOPT, CAME, Prodigy, D-Adapt Lion and MoFaSGD instead (finetune_family_*.json)')
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'results'))
   args = parser.parse_args(argv)
   if args.quick:
@@ -193,15 +211,16 @@ def main(argv=None):
   ft_train, ft_test = docs[:cut], docs[cut:]
   print(f'pretraining corpus {len(pre):,} chars, fine-tuning corpus {len(docs):,} chars')
 
-  runs = optimizers(ft_steps)
+  runs = family_optimizers(ft_steps) if args.family else optimizers(ft_steps)
   progress = tqdm(total=pre_steps + ft_steps * len(runs), desc='training', disable=None)
   model = CharTransformer(d, layers, heads, seq, nnx.Rngs(0))
   pre_losses, _, _ = train(model, optax.adamw(3e-3), batches(pre, batch, seq, 0), pre_steps, progress)
   pretrained = nnx.state(model)
   graphdef = nnx.graphdef(model)
   base_loss = evaluate(model, batches(ft_test, batch, seq, 99), eval_batches)
-  print('\nWhat MLorc-AdamW compresses in this model:')
-  mlorc.summarize(runs['MLorc-AdamW r4'](), nnx.state(model, nnx.Param))
+  if not args.family:
+    print('\nWhat MLorc-AdamW compresses in this model:')
+    mlorc.summarize(runs['MLorc-AdamW r4'](), nnx.state(model, nnx.Param))
 
   rows, curves = [], {}
   for name, make in runs.items():
@@ -223,23 +242,24 @@ def main(argv=None):
   progress.close()
 
   print(f'\nheld-out loss before fine-tuning: {base_loss:.4f}')
-  header = f"{'optimizer':16s} {'held-out loss':>13s} {'train loss':>10s} {'state MiB':>9s} {'step ms':>8s}"
+  header = f"{'optimizer':22s} {'held-out loss':>13s} {'train loss':>10s} {'state MiB':>9s} {'step ms':>8s}"
   print(header)
   for r in rows:
-    print(f"{r['optimizer']:16s} {r['held_out_loss']:13.4f} {r['final_train_loss']:10.4f} "
+    print(f"{r['optimizer']:22s} {r['held_out_loss']:13.4f} {r['final_train_loss']:10.4f} "
           f"{r['state_MiB']:9.3f} {r['step_ms']:8.1f}")
 
   os.makedirs(args.out, exist_ok=True)
   tag = 'quick' if args.quick else jax.devices()[0].platform
+  name = 'finetune_family' if args.family else 'finetune_lm'
   result = dict(
-      example='finetune_lm', device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+      example=name, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
       config=dict(d=d, layers=layers, heads=heads, seq=seq, batch=batch, pretrain_steps=pre_steps,
                   finetune_steps=ft_steps, rank=RANK),
       held_out_before=base_loss, rows=rows, pretrain_final_loss=float(np.mean(pre_losses[-10:])),
   )
-  with open(os.path.join(args.out, f'finetune_lm_{tag}.json'), 'w') as f:
+  with open(os.path.join(args.out, f'{name}_{tag}.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  plot(curves, os.path.join(args.out, f'finetune_lm_{tag}.png'))
+  plot(curves, os.path.join(args.out, f'{name}_{tag}.png'))
   return result
 
 

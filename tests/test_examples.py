@@ -33,6 +33,19 @@ def test_finetune_example_quick(tmp_path):
   assert (tmp_path / 'finetune_lm_quick.png').stat().st_size > 0
 
 
+def test_finetune_family_quick(tmp_path):
+  import finetune_lm
+
+  result = finetune_lm.main(['--quick', '--family', '--out', str(tmp_path)])
+  rows = {r['optimizer']: r for r in result['rows']}
+  for r in rows.values():
+    assert np.isfinite(r['held_out_loss'])
+  # Each MLorc version keeps a fraction of its full-state version's state.
+  for name in ('ADOPT', 'CAME', 'Prodigy', 'D-Adapt Lion'):
+    assert rows[f'MLorc-{name} r4']['state_MiB'] < 0.5 * rows[f'{name} (full)']['state_MiB']
+  assert (tmp_path / 'finetune_family_quick.png').stat().st_size > 0
+
+
 def test_linen_orbax_resume_example_is_bitwise():
   out = _run('linen_orbax_resume.py', '--steps', '8')
   assert 'bitwise identical to the uninterrupted one: True' in out
