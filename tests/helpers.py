@@ -10,6 +10,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import mlorc_optax as mlorc
 
@@ -49,6 +50,16 @@ MLORC_OPTIONS = {
 
 # Learning rate for an optimizer whose `learning_rate` has no default.
 DEFAULT_LEARNING_RATE = 1e-2
+
+
+def run_steps(tx, params, steps):
+  """`steps` jitted updates with `gradient`, applied; returns (params, state)."""
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    updates, state = update(gradient(params, t), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
 
 
 def _exported_functions():

@@ -10,18 +10,9 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from helpers import COMPRESS_ALL, gradient, make_params
+from helpers import COMPRESS_ALL, gradient, make_params, run_steps
 
 FULL_RANK = 16  # >= min(m, n) of every matrix in make_params
-
-
-def _run(tx, params, steps):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  for t in range(steps):
-    updates, state = update(gradient(params, t), state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
 
 
 @pytest.mark.filterwarnings('ignore:`compress` asks for rank')
@@ -33,11 +24,11 @@ def _run(tx, params, steps):
 def test_full_rank_trajectory_equals_optax_adopt(options):
   with jax.enable_x64(True):
     params = make_params(jax.random.key(0), jnp.float64)
-    got, state = _run(
+    got, state = run_steps(
         mlorc.adopt(1e-2, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64', **options),
         params, 40,
     )
-    want, _ = _run(optax.contrib.adopt(1e-2, **options), params, 40)
+    want, _ = run_steps(optax.contrib.adopt(1e-2, **options), params, 40)
     chex.assert_trees_all_close(got, want, atol=1e-9, rtol=0)
     # The trajectory moved well beyond the tolerance.
     assert np.max(np.abs(got['w'] - params['w'])) > 1e-2
@@ -49,8 +40,8 @@ def test_full_rank_trajectory_equals_optax_adopt(options):
 
 def test_non_matrix_parameters_keep_full_state_and_follow_optax_at_low_rank():
   params = make_params(jax.random.key(1))
-  got, state = _run(mlorc.adopt(1e-2, rank=2, compress=COMPRESS_ALL), params, 20)
-  want, _ = _run(optax.contrib.adopt(1e-2), params, 20)
+  got, state = run_steps(mlorc.adopt(1e-2, rank=2, compress=COMPRESS_ALL), params, 20)
+  want, _ = run_steps(optax.contrib.adopt(1e-2), params, 20)
   inner = state[0].inner_state
   assert inner.mu['w'].u.shape == (12, 2) and inner.nu['stack'].v.shape == (3, 9, 2)
   for name in ('b', 'scale'):  # full moments, and exactly optax's trajectory

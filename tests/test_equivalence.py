@@ -8,18 +8,9 @@ import optax
 import pytest
 
 import mlorc_optax as mlorc
-from helpers import COMPRESS_ALL, gradient, make_params
+from helpers import COMPRESS_ALL, gradient, make_params, run_steps
 
 FULL_RANK = 16  # >= min(m, n) of every matrix in make_params
-
-
-def _run(tx, params, steps):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  for t in range(steps):
-    updates, state = update(gradient(params, t), state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
 
 
 @pytest.mark.parametrize(
@@ -52,8 +43,8 @@ def _run(tx, params, steps):
 def test_full_rank_trajectory_equals_optax(ours, reference, dtype):
   with jax.enable_x64(dtype == 'float64'):
     params = make_params(jax.random.key(0), dtype)
-    got, state = _run(ours(factor_dtype=dtype), params, 50)
-    want, _ = _run(reference(), params, 50)
+    got, state = run_steps(ours(factor_dtype=dtype), params, 50)
+    want, _ = run_steps(reference(), params, 50)
   if dtype == 'float64':
     chex.assert_trees_all_close(got, want, atol=1e-9)
   else:
@@ -77,8 +68,8 @@ def test_generic_wrapper_at_full_rank_equals_inner():
           ),
           optax.scale(-1e-2),
       )
-      got, _ = _run(ours, params, 20)
-      want, _ = _run(optax.chain(inner, optax.scale(-1e-2)), params, 20)
+      got, _ = run_steps(ours, params, 20)
+      want, _ = run_steps(optax.chain(inner, optax.scale(-1e-2)), params, 20)
       chex.assert_trees_all_close(got, want, atol=1e-9)
 
 

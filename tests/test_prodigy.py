@@ -10,7 +10,7 @@ import pytest
 import mlorc_optax as mlorc
 from mlorc_optax._src.leafwise import LeafwiseState, full_state_transformation
 from mlorc_optax._src.optimizers.prodigy import prodigy_leafwise
-from helpers import COMPRESS_ALL, gradient, make_params
+from helpers import COMPRESS_ALL, gradient, make_params, run_steps
 
 FULL_RANK = 16  # >= min(m, n) of every matrix in make_params
 STEPS = 12
@@ -32,15 +32,6 @@ VARIANTS = {  # s_stride=1: optax's exact estimate of d
 }
 
 
-def _run(tx, params, steps):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  for t in range(steps):
-    updates, state = update(gradient(params, t), state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
-
-
 def _leafwise_state(state):
   return state if isinstance(state, LeafwiseState) else state.inner_state
 
@@ -52,7 +43,7 @@ def _reference(config_name):
   """optax.contrib.prodigy's trajectory (float64), computed once per config."""
   if config_name not in _REFERENCE:
     params = make_params(jax.random.key(0), jnp.float64)
-    _REFERENCE[config_name] = _run(optax.contrib.prodigy(**CONFIGS[config_name]), params, STEPS)
+    _REFERENCE[config_name] = run_steps(optax.contrib.prodigy(**CONFIGS[config_name]), params, STEPS)
   return _REFERENCE[config_name]
 
 
@@ -64,7 +55,7 @@ def _reference(config_name):
 def test_trajectory_equals_optax_contrib_prodigy(config_name, variant):
   with jax.enable_x64(True):
     params = make_params(jax.random.key(0), jnp.float64)
-    got, state = _run(VARIANTS[variant](**CONFIGS[config_name]), params, STEPS)
+    got, state = run_steps(VARIANTS[variant](**CONFIGS[config_name]), params, STEPS)
     want, ref_state = _reference(config_name)
   chex.assert_trees_all_close(got, want, atol=1e-9, rtol=0)
   g = _leafwise_state(state).global_state
@@ -117,15 +108,15 @@ def test_s_stride():
   with jax.enable_x64(True):
     params = make_params(jax.random.key(0), jnp.float64)
     flat = {k: v for k, v in params.items() if k != 'stack'}  # one matrix each
-    got, state = _run(full_state_transformation(prodigy_leafwise(s_stride=3)), flat, STEPS)
+    got, state = run_steps(full_state_transformation(prodigy_leafwise(s_stride=3)), flat, STEPS)
     leaves, treedef = jax.tree.flatten(flat)
     want, d = _numpy_prodigy(leaves, STEPS, 3)
     chex.assert_trees_all_close(got, treedef.unflatten(want), atol=1e-9, rtol=0)
     np.testing.assert_allclose(float(state.global_state.estim_lr), d, rtol=1e-9)
     assert state.entries['params0']['w'].shape == state.entries['grad_sum']['w'].shape == (32,)
 
-    full, _ = _run(full_state_transformation(prodigy_leafwise(s_stride=3)), params, STEPS)
-    ours, state = _run(
+    full, _ = run_steps(full_state_transformation(prodigy_leafwise(s_stride=3)), params, STEPS)
+    ours, state = run_steps(
         mlorc.prodigy(s_stride=3, rank=FULL_RANK, compress=COMPRESS_ALL, factor_dtype='float64'),
         params, STEPS,
     )
@@ -142,7 +133,7 @@ def test_step_size_estimate_grows():
   """The trajectory tests above are only meaningful if d moves."""
   with jax.enable_x64(True):
     params = make_params(jax.random.key(0), jnp.float64)
-    _, state = _run(mlorc.prodigy(s_stride=1, compress=False), params, STEPS)
+    _, state = run_steps(mlorc.prodigy(s_stride=1, compress=False), params, STEPS)
   assert float(_leafwise_state(state).global_state.estim_lr) > 2e-6
 
 
@@ -171,7 +162,7 @@ def test_params0_dtype():
   p0 = _leafwise_state(state).entries['params0']
   assert p0['w'].dtype == jnp.bfloat16
   chex.assert_trees_all_close(p0['w'], params['w'].astype(jnp.bfloat16))
-  _, state = _run(tx, params, 3)
+  _, state = run_steps(tx, params, 3)
   assert bool(jnp.isfinite(_leafwise_state(state).global_state.estim_lr))
 
 
@@ -206,8 +197,8 @@ def test_inject_hyperparams():
       learning_rate=schedule, weight_decay=0.1, compress=False,
   )
   plain = mlorc.prodigy(schedule, weight_decay=0.1, compress=False)
-  got, _ = _run(injected, params, 3)
-  want, _ = _run(plain, params, 3)
+  got, _ = run_steps(injected, params, 3)
+  want, _ = run_steps(plain, params, 3)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
