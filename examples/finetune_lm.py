@@ -14,12 +14,11 @@ loss-curve plot.
 """
 
 import argparse
-import importlib
-import inspect
+import ast
 import json
 import os
+import sysconfig
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -31,32 +30,56 @@ from tqdm import tqdm
 import mlorc_optax as mlorc
 
 RANK = 4
-DOC_MODULES = (
-    'argparse', 'asyncio', 'collections', 'csv', 'dataclasses', 'datetime', 'decimal',
-    'email', 'enum', 'fractions', 'functools', 'http.client', 'inspect', 'itertools',
-    'json', 'logging', 'pathlib', 'pickle', 'random', 'statistics', 'string', 'textwrap',
-    'threading', 'typing', 'unittest', 'urllib.parse', 'zipfile',
+# The fine-tuning corpus: docstrings of these pure-Python standard-library
+# files, read from disk (importing the modules instead would make the text
+# depend on what else was imported before, and on installed packages).
+DOC_FILES = (
+    'argparse.py', 'asyncio/tasks.py', 'collections/__init__.py', 'csv.py', 'dataclasses.py',
+    'datetime.py', 'difflib.py', 'email/message.py', 'enum.py', 'fractions.py', 'functools.py',
+    'http/client.py', 'inspect.py', 'json/__init__.py', 'logging/__init__.py', 'pathlib.py',
+    'pickle.py', 'random.py', 'shutil.py', 'statistics.py', 'string.py', 'subprocess.py',
+    'textwrap.py', 'threading.py', 'typing.py', 'unittest/case.py', 'urllib/parse.py',
+    'zipfile.py',
 )
+DOC_MIN_CHARS = 80  # shorter docstrings are mostly one-line signatures
 
 
 # ----------------------------------------------------------------------------- data
 def language_reference() -> str:
+  """The Python language reference's topics as `pydoc` ships them, in key order."""
   from pydoc_data import topics
 
   return '\n'.join(topics.topics[k] for k in sorted(topics.topics))
 
 
+def docstrings(source: str) -> list[str]:
+  """The docstrings of a module's source: module, classes, functions, in source order."""
+  nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+  found = [n for n in ast.walk(ast.parse(source)) if isinstance(n, nodes)]
+  found.sort(key=lambda n: getattr(n, 'lineno', 0))
+  texts = (ast.get_docstring(n) for n in found)
+  return [t for t in texts if t and len(t) > DOC_MIN_CHARS]
+
+
 def stdlib_docstrings() -> str:
+  """Docstrings of `DOC_FILES`, parsed (not imported) from the standard library."""
+  root = sysconfig.get_paths()['stdlib']
   texts = []
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    for name in DOC_MODULES:
-      module = importlib.import_module(name)
-      for _, obj in sorted(inspect.getmembers(module), key=lambda kv: kv[0]):
-        doc = getattr(obj, '__doc__', None)
-        if isinstance(doc, str) and len(doc) > 80:
-          texts.append(doc)
+  for name in DOC_FILES:
+    with open(os.path.join(root, name), encoding='utf-8') as f:
+      texts += docstrings(f.read())
   return '\n\n'.join(dict.fromkeys(texts))  # unique, in a fixed order
+
+
+def corpora() -> tuple[str, str]:
+  """The pretraining and fine-tuning texts: (language reference, stdlib docstrings).
+
+  Both come from the Python installation's own files (`pydoc_data.topics` and
+  the sources of `DOC_FILES`), read without importing anything else, so they
+  depend only on the Python version: not on installed packages nor on what was
+  imported before.
+  """
+  return language_reference(), stdlib_docstrings()
 
 
 def encode(text: str) -> np.ndarray:
