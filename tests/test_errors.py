@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mlorc_optax as mlorc
@@ -104,3 +105,11 @@ def test_zero_and_tiny_gradients_keep_the_state_finite():
     updates, state = tx.update({'w': g}, state, params)
     for leaf in jax.tree.leaves((updates, state)):
       assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_residual_correction_errors_name_the_argument():
+  with pytest.raises(ValueError, match='residual_correction'):
+    mlorc.adamw(1e-3, residual_correction=-1.0)
+  tx = mlorc.compress_moments(optax.scale_by_adam(), residual_correction={'m': 1.0})
+  with pytest.raises(ValueError, match=r"residual_correction names \['m'\].*\['mu', 'nu'\]"):
+    tx.init({'w': jnp.zeros((64, 64))})

@@ -28,9 +28,10 @@ def _fill(x):
   return float(-x[negative].mean()) if negative.any() else 0.0
 
 
-def mlorc_adam_reference(grads, rank, b1=0.9, b2=0.999, eps=1e-8, fill=_fill):
+def mlorc_adam_reference(grads, rank, b1=0.9, b2=0.999, eps=1e-8, fill=_fill, c=0.0):
   """MLorc-Adam (arXiv 2506.01897) of one matrix in float64 NumPy, with
-  optax's bias corrections and an exact truncated SVD as the compressor.
+  optax's bias corrections and an exact truncated SVD as the compressor;
+  with residual correction c, the update uses m + c b1 / (1 - b1) (m - m~).
 
   Returns the update of every step and the last stored moments.
   """
@@ -40,13 +41,27 @@ def mlorc_adam_reference(grads, rank, b1=0.9, b2=0.999, eps=1e-8, fill=_fill):
     v_repaired = np.where(v_stored < 0, fill(v_stored), v_stored)
     m = b1 * m_stored + (1 - b1) * g
     v = b2 * v_repaired + (1 - b2) * g * g
-    updates.append((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
     m_stored, v_stored = _truncated(m, rank), _truncated(v, rank)
+    m_used = m + c * b1 / (1 - b1) * (m - m_stored)
+    updates.append((m_used / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
   return updates, m_stored, v_stored
 
 
-def _mlorc_run(grads, rank, **options):
-  tx = mlorc.scale_by_adam(rank=rank, compress=True, factor_dtype='float64', **options)
+def mlorc_lion_reference(grads, rank, b1=0.9, b2=0.99, c=0.0):
+  """MLorc-Lion of one matrix in float64 NumPy (exact truncated SVD), with
+  residual correction c: sign(b1 m~ + (1 - b1) g + c b1 / (1 - b2) R)."""
+  m_stored = np.zeros_like(grads[0])
+  updates = []
+  for g in grads:
+    m = b2 * m_stored + (1 - b2) * g
+    direction = b1 * m_stored + (1 - b1) * g
+    m_stored = _truncated(m, rank)
+    updates.append(np.sign(direction + c * b1 / (1 - b2) * (m - m_stored)))
+  return updates
+
+
+def _mlorc_run(grads, rank, scale_by=mlorc.scale_by_adam, **options):
+  tx = scale_by(rank=rank, compress=True, factor_dtype='float64', **options)
   state = tx.init({'w': jnp.zeros(grads[0].shape)})
   update = jax.jit(tx.update)
   updates = []
@@ -54,8 +69,8 @@ def _mlorc_run(grads, rank, **options):
     u, state = update({'w': jnp.asarray(g)}, state)
     updates.append(np.asarray(u['w']))
   moments = state.inner_state
-  return updates, np.asarray(mlorc.reconstruct(moments.mu['w'])), np.asarray(
-      mlorc.reconstruct(moments.nu['w'])
+  return updates, np.asarray(mlorc.reconstruct(moments.mu['w'])), (
+      np.asarray(mlorc.reconstruct(moments.nu['w'])) if hasattr(moments, 'nu') else None
   )
 
 
@@ -79,6 +94,50 @@ def test_mlorc_adam_matches_a_numpy_transcription(rank, shape):
   # of the mean magnitude the reference moves by far more than the tolerance.
   unrepaired, _, _ = mlorc_adam_reference(grads, rank, fill=lambda x: 0.0)
   assert max(_rel(a, b) for a, b in zip(unrepaired, want)) > 1e-2
+
+
+@pytest.mark.parametrize('c', [0.5, 1.0])
+def test_residual_correction_matches_the_transcription(c):
+  """The corrected update, against the reference: m + c b1/(1-b1) R in
+  Adam's numerator; the stored moments are the uncorrected step's."""
+  rng = np.random.default_rng(7)
+  grads = [rng.standard_normal((20, 12)) for _ in range(5)]
+  want, want_m, want_v = mlorc_adam_reference(grads, 3, c=c)
+  with jax.enable_x64(True):
+    got, got_m, got_v = _mlorc_run(grads, 3, oversample=6, power_iters=8, residual_correction=c)
+  for t, (a, b) in enumerate(zip(got, want)):
+    assert _rel(a, b) < 1e-5, f'step {t + 1}'
+  assert _rel(got_m, want_m) < 1e-5 and _rel(got_v, want_v) < 1e-5
+  # Sharp enough to see the correction: without it the updates differ.
+  plain, _, _ = mlorc_adam_reference(grads, 3)
+  assert max(_rel(a, b) for a, b in zip(plain, want)) > 1e-2
+
+
+def test_lion_residual_correction_matches_the_transcription():
+  rng = np.random.default_rng(8)
+  grads = [rng.standard_normal((20, 12)) for _ in range(5)]
+  c = 0.05
+  want = mlorc_lion_reference(grads, 3, c=c)
+  with jax.enable_x64(True):
+    got, _, _ = _mlorc_run(
+        grads, 3, mlorc.scale_by_lion, oversample=6, power_iters=8, residual_correction=c
+    )
+  plain = mlorc_lion_reference(grads, 3)
+  assert sum(np.sum(a != b) for a, b in zip(plain, want)) > 10  # the correction flips signs
+  for t, (a, b) in enumerate(zip(got, want)):
+    np.testing.assert_array_equal(a, b, err_msg=f'step {t + 1}')
+
+
+@pytest.mark.parametrize('scale_by', [mlorc.scale_by_adam, mlorc.scale_by_lion])
+def test_residual_correction_is_exact_at_full_rank(scale_by):
+  """Nothing is discarded at full rank, so the corrected step is the plain one."""
+  rng = np.random.default_rng(9)
+  grads = [rng.standard_normal((9, 7)) for _ in range(4)]
+  with jax.enable_x64(True):
+    plain, _, _ = _mlorc_run(grads, 7, scale_by)
+    corrected, _, _ = _mlorc_run(grads, 7, scale_by, residual_correction=1.0)
+  for a, b in zip(corrected, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def _factors_with_negatives(m, n, rank, key):
@@ -198,3 +257,19 @@ def test_adam_atan2_keeps_the_second_moment_repair():
     # A negative v would make sqrt NaN; repaired, |u| stays within its bound.
     assert bool(jnp.all(jnp.abs(u['w']) <= 2.0))
   assert seen_negative
+
+
+def test_residual_correction_may_be_injected():
+  """Under inject_hyperparams a traced c gives the same updates as a fixed one."""
+  params = {'w': jnp.zeros((32, 24))}
+  grads = [{'w': jax.random.normal(jax.random.key(t), (32, 24))} for t in range(3)]
+  fixed = mlorc.adamw(1e-2, rank=2, compress=True, residual_correction=0.5)
+  injected = optax.inject_hyperparams(mlorc.adamw, static_args=('rank',))(
+      1e-2, rank=2, compress=True, residual_correction=0.5
+  )
+  sf, si = fixed.init(params), injected.init(params)
+  for g in grads:
+    uf, sf = jax.jit(fixed.update)(g, sf, params)
+    ui, si = jax.jit(injected.update)(g, si, params)
+    np.testing.assert_allclose(ui['w'], uf['w'], rtol=1e-4, atol=1e-6)  # float32 rounding
+  assert si.hyperparams['residual_correction'] == 0.5

@@ -8,7 +8,7 @@ one group after the other) is `leaf_groups`; how an optax state is split into
 moments and the rest is `optax_inner`.
 """
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,7 @@ def compress_moments(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Stores the parameter-shaped moments of `inner` as rank-`rank` factors.
 
@@ -147,6 +148,11 @@ def compress_moments(
       derived from it and the step count. May be traced.
     warm_start: start each step's sketch from the previous step's right
       factor (see `randomized_svd`); then power_iters=0 is usually enough.
+    residual_correction: optional {moment name: w}. Compression discards
+      R = m_t - U diag(s) V^T of each new moment m_t; with this, the update
+      of a compressed matrix is computed with the stored moment M~ replaced
+      by M~ + w R (the state is unchanged). `scale_by_adam`'s and
+      `scale_by_lion`'s `residual_correction` set w; see there for the math.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with `CompressedMomentsState`.
@@ -171,6 +177,9 @@ def compress_moments(
   )
   if isinstance(nonnegative, str):
     nonnegative = (nonnegative,)
+  residual_weights = dict(residual_correction or {})
+  for name, w in residual_weights.items():
+    validation.check_non_negative(f'residual_correction[{name!r}]', w)
   if not isinstance(inner, LeafwiseTransformation):
     inner = optax.with_extra_args_support(inner)
 
@@ -191,6 +200,7 @@ def compress_moments(
   def init_fn(params):
     wrapped = _wrap(inner, nonnegative)
     lw = wrapped.lw
+    _check_residual_names(residual_weights, lw.moments)
     leaves, params_def = jax.tree.flatten(params)
     count = jnp.zeros([], jnp.int32)
     if not leaves:  # no parameters, or optax.tree.map_params's placeholder
@@ -221,7 +231,7 @@ def compress_moments(
     }
     leaves = _leaves(updates, p_leaves, per_name, views, lw.moments, rank)
     key = jax.random.fold_in(jax.random.key(seed), count)
-    glob_mid, results, stats = _passes(lw, compressor, leaves, glob, key)
+    glob_mid, results, stats = _passes(lw, compressor, leaves, glob, key, residual_weights)
 
     out_updates, out_entries = _unflattened(updates, views, results, per_name)
     new_glob = lw.finalize(glob_mid, stats)
@@ -266,13 +276,14 @@ def _batch_sum(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
 
-def _passes(lw, compressor, leaves, glob, key):
+def _passes(lw, compressor, leaves, glob, key, residual_weights):
   """All passes of one step over the parameters.
 
   1. the repair's fill of every non-negative moment (a loop per group);
   2. optionally the read-only pre-pass and `lw.prepare`;
   3. the new factors of every compressed matrix (a loop per group);
-  4. updates and the other new entries, elementwise, and their stats.
+  4. updates (corrected by `residual_weights`) and the other new entries,
+     elementwise, and their stats.
 
   Returns (glob_mid, per leaf (update, new entries), summed stats).
   """
@@ -281,8 +292,11 @@ def _passes(lw, compressor, leaves, glob, key):
       leaves, lambda k, g, p, e, x: matrix_step.negative_fills(lw, e), key
   ) if lw.nonnegative else no_fills
 
-  def over_batch(fn, leaf, *args):
-    return jax.vmap(lambda g, p, e, f: fn(lw, g, p, e, f, *args))(leaf.g, leaf.p, leaf.entries, fills[leaf.index])
+  def over_batch(fn, leaf, *args, **batched):
+    """`fn` over the leaf's matrices; `args` shared, `batched` per matrix."""
+    return jax.vmap(lambda g, p, e, f, kw: fn(lw, g, p, e, f, *args, **kw))(
+        leaf.g, leaf.p, leaf.entries, fills[leaf.index], batched
+    )
 
   glob_mid = glob
   if lw.prepare_leaf is not None:
@@ -301,7 +315,8 @@ def _passes(lw, compressor, leaves, glob, key):
   results, stats = [], []
   for leaf in leaves:
     if leaf.compressed:
-      u, others, st = over_batch(matrix_step.update, leaf, glob, glob_mid)
+      corrected = dict(factors=factors[leaf.index]) if residual_weights else {}
+      u, others, st = over_batch(matrix_step.update, leaf, glob, glob_mid, residual_weights, **corrected)
       results.append((u, {**others, **factors[leaf.index]}))
       stats.append(_batch_sum(st))
     else:
@@ -309,6 +324,15 @@ def _passes(lw, compressor, leaves, glob, key):
       results.append((u, new))
       stats.append(st)
   return glob_mid, results, leafwise.sum_stats(stats)
+
+
+def _check_residual_names(residual_weights, moments) -> None:
+  unknown = sorted(set(residual_weights) - set(moments))
+  if unknown:
+    raise ValueError(
+        f'residual_correction names {unknown}, which are not moments of the inner '
+        f'optimizer; its moments are {list(moments)}.'
+    )
 
 
 _FIX = ('Call init with parameters of the same structure and shapes as the '

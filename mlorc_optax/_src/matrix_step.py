@@ -69,12 +69,15 @@ def full_moments(
   return full
 
 
+def _working(g: jax.Array, p: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  """The gradient and parameter in the dtype the step runs in."""
+  work = compute_dtype(g.dtype)
+  return g.astype(work), None if p is None else p.astype(work)
+
+
 def _inner_update(lw, g, p, entries, fills, glob, glob_mid):
   """Step 3 in the working dtype: (update, new entries, stats)."""
-  work = compute_dtype(g.dtype)
-  p = None if p is None else p.astype(work)
-  full = full_moments(lw, g, entries, fills)
-  return lw.update_leaf(g.astype(work), p, full, glob, glob_mid)
+  return lw.update_leaf(*_working(g, p), full_moments(lw, g, entries, fills), glob, glob_mid)
 
 
 def new_factors(lw, compressor, key, g, p, entries, fills, glob, glob_mid) -> dict[str, LowRankFactors]:
@@ -86,11 +89,28 @@ def new_factors(lw, compressor, key, g, p, entries, fills, glob, glob_mid) -> di
   }
 
 
-def update(lw, g, p, entries, fills, glob, glob_mid) -> tuple[jax.Array, dict[str, Any], Any]:
+def update(
+    lw, g, p, entries, fills, glob, glob_mid, residual_weights=None, factors=None
+) -> tuple[jax.Array, dict[str, Any], Any]:
   """Steps 1 to 3 for one matrix, keeping the update, the entries that are
   not moments, and the stats. Recomputed apart from `new_factors`, so that
-  XLA can fuse the update into its consumers."""
-  u, new, stats = _inner_update(lw, g, p, entries, fills, glob, glob_mid)
+  XLA can fuse the update into its consumers.
+
+  With `residual_weights` ({moment name: w}) and the new `factors`, the
+  update is computed again with each named moment M~ replaced by
+  M~ + w R, where R = m_t - U diag(s) V^T is what compressing the new moment
+  m_t discards (see `compress_moments`'s `residual_correction`); the new
+  entries and stats are those of the uncorrected step.
+  """
+  g_work, p_work = _working(g, p)
+  full = full_moments(lw, g, entries, fills)
+  u, new, stats = lw.update_leaf(g_work, p_work, full, glob, glob_mid)
+  if residual_weights:
+    corrected = dict(full)
+    for name, w in residual_weights.items():
+      residual = new[name] - reconstruct(factors[name]).astype(new[name].dtype)
+      corrected[name] = full[name] + jnp.asarray(w, full[name].dtype) * residual.astype(full[name].dtype)
+    u, _, _ = lw.update_leaf(g_work, p_work, corrected, glob, glob_mid)
   # Entries that are not moments keep their dtype (float16 ones were updated in float32).
   others = {k: v.astype(entries[k].dtype) for k, v in new.items() if k not in lw.moments}
   return u.astype(g.dtype), others, stats
@@ -98,6 +118,4 @@ def update(lw, g, p, entries, fills, glob, glob_mid) -> tuple[jax.Array, dict[st
 
 def prepare(lw, g, p, entries, fills, glob) -> Any:
   """The pre-pass of one matrix: `lw.prepare_leaf` on its full moments."""
-  work = compute_dtype(g.dtype)
-  p = None if p is None else p.astype(work)
-  return lw.prepare_leaf(g.astype(work), p, full_moments(lw, g, entries, fills), glob)
+  return lw.prepare_leaf(*_working(g, p), full_moments(lw, g, entries, fills), glob)

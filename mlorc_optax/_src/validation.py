@@ -21,6 +21,11 @@ def _concrete_float(value: Any) -> float | None:
     return None
 
 
+def is_concrete_zero(value: Any) -> bool:
+  """Whether `value` is known, at build time, to be 0."""
+  return _concrete_float(value) == 0.0
+
+
 def _as_int(name: str, value: Any) -> int:
   """`value` as a Python int: ints and integer-likes (np.int64, a 0-d integer
   array) are accepted through `operator.index`; bools, floats and strings are not."""

@@ -39,6 +39,7 @@ def adam(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-Adam: `optax.adam` with both moments stored as rank-`rank` factors.
 
@@ -72,6 +73,8 @@ def adam(
     factor_dtype: dtype (or its name) of the stored factors.
     seed: seed of the random test matrices.
     warm_start: start each sketch from the previous step's right factor.
+    residual_correction: apply now this fraction of the future contribution
+      of what compressing the momentum discards; see `scale_by_adam`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -92,6 +95,7 @@ def adam(
           rank=rank, compress=compress, min_dim_size=min_dim_size,
           oversample=oversample, power_iters=power_iters,
           factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
+          residual_correction=residual_correction,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -117,6 +121,7 @@ def adamw(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-AdamW: `optax.adamw` (decoupled weight decay) with rank-`rank` moments.
 
@@ -154,6 +159,8 @@ def adamw(
     factor_dtype: dtype (or its name) of the stored factors.
     seed: seed of the random test matrices.
     warm_start: start each sketch from the previous step's right factor.
+    residual_correction: apply now this fraction of the future contribution
+      of what compressing the momentum discards; see `scale_by_adam`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -174,6 +181,7 @@ def adamw(
           rank=rank, compress=compress, min_dim_size=min_dim_size,
           oversample=oversample, power_iters=power_iters,
           factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
+          residual_correction=residual_correction,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -196,6 +204,7 @@ def lion(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MLorc-Lion: `optax.lion` with its momentum stored as rank-`rank` factors.
 
@@ -227,6 +236,8 @@ def lion(
     factor_dtype: dtype (or its name) of the stored factors.
     seed: seed of the random test matrices.
     warm_start: start each sketch from the previous step's right factor.
+    residual_correction: apply now this fraction of the future contribution
+      of what compressing the momentum discards; see `scale_by_lion`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -246,7 +257,7 @@ def lion(
           b1, b2, mu_dtype, rank=rank, compress=compress,
           min_dim_size=min_dim_size, oversample=oversample,
           power_iters=power_iters, factor_dtype=factor_dtype, seed=seed,
-          warm_start=warm_start,
+          warm_start=warm_start, residual_correction=residual_correction,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -22,6 +22,16 @@ from mlorc_optax._src.compress_moments import compress_moments
 _LION_POWER_ITERS = 0
 
 
+def _residual_weights(c, decay) -> dict[str, Any] | None:
+  """`compress_moments`'s residual_correction for a first moment of this
+  decay: applying c of R's future weight decay / (1 - decay) now is the same
+  as adding c / (1 - decay) R to the stored moment before the step."""
+  if c is None or validation.is_concrete_zero(c):
+    return None
+  validation.check_non_negative('residual_correction', c)
+  return {'mu': c / (1 - decay)}
+
+
 def _check_betas(b1, b2) -> None:
   validation.check_in_unit_interval('b1', b1)
   validation.check_in_unit_interval('b2', b2)
@@ -44,6 +54,7 @@ def scale_by_adam(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam's rescaling with both moments stored as rank-`rank` factors (MLorc-Adam).
 
@@ -60,6 +71,18 @@ def scale_by_adam(
   instead, and eps, eps_root are not used. Parameters that are not compressed
   (see `compress`) keep full moments, and at rank >= min(m, n) the result
   equals `optax.scale_by_adam`.
+
+  Residual correction: compressing m_t to its rank-r factors M~_t discards
+  R_t = m_t - M~_t. Had it been kept, the heavy-ball recursion would have
+  added b_1^k R_t to the first moment k steps later, b_1 / (1 - b_1) R_t in
+  all. With `residual_correction` c, c times that is applied now:
+
+  .. math::
+    u_t = \frac{(m_t + c \frac{b_1}{1 - b_1} R_t) / (1 - b_1^t)}
+               {\sqrt{v_t / (1 - b_2^t) + \epsilon_{root}} + \epsilon}.
+
+  It costs no state (R_t is formed from m_t and the new factors within the
+  step) and leaves the stored moments as they are: only the update changes.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -96,6 +119,9 @@ def scale_by_adam(
     seed: seed of the random test matrices, one per parameter and step.
     warm_start: start each step's sketch from the previous step's right
       factor (see `randomized_svd`); then power_iters=0 is usually enough.
+    residual_correction: the fraction c >= 0 of the first moment's
+      compression residual's future contribution applied to this step's
+      update (see above); None or 0 for the paper's MLorc.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -129,6 +155,7 @@ def scale_by_adam(
       factor_dtype=factor_dtype,
       seed=seed,
       warm_start=warm_start,
+      residual_correction=_residual_weights(residual_correction, b1),
   )
 
 
@@ -145,6 +172,7 @@ def scale_by_lion(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lion's update with its momentum stored as rank-`rank` factors (MLorc-Lion).
 
@@ -154,6 +182,12 @@ def scale_by_lion(
 
   with m_t compressed by `randomized_svd` (no power iteration by default, as
   in the reference code). At full rank it equals `optax.scale_by_lion`.
+
+  Residual correction: compression discards R_t = m_t - M~_t; kept, it would
+  have entered the next steps' sign arguments with weights b_1 b_2^(k-1),
+  b_1 / (1 - b_2) in all. With `residual_correction` c, c times that enters
+  this step's: u_t = sign(b_1 M~ + (1 - b_1) g_t + c b_1 / (1 - b_2) R_t).
+  As for Adam it costs no state; the stored momentum is unchanged.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -184,6 +218,9 @@ def scale_by_lion(
     seed: seed of the random test matrices, one per parameter and step.
     warm_start: start each step's sketch from the previous step's right
       factor (see `randomized_svd`).
+    residual_correction: the fraction c >= 0 of the momentum's compression
+      residual's future contribution applied to this step's update (see
+      above); None or 0 for the paper's MLorc.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -211,4 +248,5 @@ def scale_by_lion(
       factor_dtype=factor_dtype,
       seed=seed,
       warm_start=warm_start,
+      residual_correction=_residual_weights(residual_correction, b2),
   )
