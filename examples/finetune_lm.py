@@ -2,15 +2,21 @@
 
 A character-level transformer is pretrained briefly on the Python language
 reference that ships with Python (``pydoc_data.topics``), then fine-tuned on
-another corpus that ships with it: the docstrings of standard-library modules.
-The fine-tuning run is repeated from the same pretrained weights with full
-AdamW, MLorc-AdamW (rank 4), MLorc-Lion (rank 4), Lion, GaLore (rank 4, from
-optax.contrib) and LoRA (rank 4, a small implementation of our own), and the
-script prints held-out loss, optimizer-state size and step time, and saves a
-loss-curve plot.
+another text that ships with it: the docstrings of some standard-library
+modules, parsed from their source files (`corpora`; both texts depend only on
+the Python version). The fine-tuning run is repeated from the same pretrained
+weights with full AdamW; the paper's MLorc-AdamW (rank 4) and, beside it, the
+best configuration we found, MLorc-AdamW with residual correction; full Lion,
+MLorc-Lion and MLorc-Lion with residual correction; GaLore (rank 4, from
+optax.contrib) and LoRA (rank 4, a small implementation of our own). It shows
+one progress bar per optimizer, prints held-out loss, optimizer-state size and
+step time with what each column means, and writes the results (JSON) and a
+plot (loss curves, held-out losses) into the directory `--out`.
 
-  python examples/finetune_lm.py            # about 5 minutes on 2 CPU cores
+  python examples/finetune_lm.py            # TIME_CLAIM on 2 CPU cores
   python examples/finetune_lm.py --quick    # a smoke run, used by the tests
+  python examples/finetune_lm.py --family   # ADOPT, CAME, Prodigy, D-Adapt Lion, MoFaSGD
+  python examples/finetune_lm.py --out benchmarks/results   # regenerate the published results
 """
 
 import argparse
@@ -30,6 +36,10 @@ from tqdm import tqdm
 import mlorc_optax as mlorc
 
 RANK = 4
+# The residual correction of the best configurations beside the paper's MLorc.
+ADAMW_RESIDUAL_CORRECTION = 1.0
+LION_RESIDUAL_CORRECTION = 0.1
+PRETRAIN_STEPS, FINETUNE_STEPS = 400, 200  # the default run; --quick is a smoke run
 # The fine-tuning corpus: docstrings of these pure-Python standard-library
 # files, read from disk (importing the modules instead would make the text
 # depend on what else was imported before, and on installed packages).
@@ -164,6 +174,11 @@ def state_bytes(optimizer: nnx.Optimizer) -> int:
 
 
 def train(model, tx, data, steps, progress, wrt=nnx.Param):
+  """Trains `model` in place; returns losses, median step seconds, optimizer.
+
+  `progress` is a tqdm bar: it advances one per step and shows the mean loss
+  of the last 10 steps.
+  """
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
 
   @nnx.jit
@@ -177,24 +192,44 @@ def train(model, tx, data, steps, progress, wrt=nnx.Param):
     start = time.perf_counter()
     losses.append(float(step(model, optimizer, tokens)))
     times.append(time.perf_counter() - start)
+    progress.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}', refresh=False)
     progress.update(1)
+  # The first steps compile; the median of the rest is the step time.
   return losses, float(np.median(times[2:])) if steps > 3 else float(np.mean(times)), optimizer
 
 
-def evaluate(model, data, batches_):
-  scores = nnx.jit(loss_fn)
-  return float(np.mean([float(scores(model, next(data))) for _ in range(batches_)]))
+def windows(data: np.ndarray, seq: int) -> jax.Array:
+  """All non-overlapping windows of seq + 1 tokens: a whole split, once each."""
+  n = (len(data) - 1) // seq
+  return jnp.asarray(np.stack([data[i * seq : i * seq + seq + 1] for i in range(n)]))
+
+
+@nnx.jit
+def evaluate(model, tokens: jax.Array) -> jax.Array:
+  """Mean loss over `tokens` (windows), in one batch: a whole split fits."""
+  return loss_fn(model, tokens)
+
+
+def _schedule(steps: int):
+  return lambda peak: optax.warmup_cosine_decay_schedule(0.0, peak, max(steps // 10, 1), steps)
 
 
 def optimizers(steps):
-  schedule = lambda peak: optax.warmup_cosine_decay_schedule(0.0, peak, max(steps // 10, 1), steps)
+  """The paper's MLorc (rank 4), the best configuration beside it, and the usual alternatives."""
+  schedule = _schedule(steps)
   return {
       'AdamW (full)': lambda: optax.adamw(schedule(1e-3), weight_decay=0.01),
       # No `compress`: the default compresses every kernel (attention included)
       # and the embedding; `mlorc.summarize` below shows what.
       'MLorc-AdamW r4': lambda: mlorc.adamw(schedule(1e-3), rank=RANK, weight_decay=0.01),
+      'MLorc-AdamW r4 + residual correction': lambda: mlorc.adamw(
+          schedule(1e-3), rank=RANK, weight_decay=0.01, residual_correction=ADAMW_RESIDUAL_CORRECTION
+      ),
       'Lion (full)': lambda: optax.lion(schedule(1e-4), weight_decay=0.1),
       'MLorc-Lion r4': lambda: mlorc.lion(schedule(1e-4), rank=RANK, weight_decay=0.1),
+      'MLorc-Lion r4 + residual correction': lambda: mlorc.lion(
+          schedule(1e-4), rank=RANK, weight_decay=0.1, residual_correction=LION_RESIDUAL_CORRECTION
+      ),
       'GaLore r4': lambda: optax.contrib.galore(schedule(1e-3), rank=RANK, update_proj_gap=200),
       'LoRA r4': lambda: optax.adamw(schedule(2e-3), weight_decay=0.0),
   }
@@ -202,7 +237,7 @@ def optimizers(steps):
 
 def family_optimizers(steps):
   """The rest of the MLorc family at rank 4 beside its full-state versions."""
-  schedule = lambda peak: optax.warmup_cosine_decay_schedule(0.0, peak, max(steps // 10, 1), steps)
+  schedule = _schedule(steps)
   return {
       'ADOPT (full)': lambda: optax.contrib.adopt(schedule(1e-3)),
       'MLorc-ADOPT r4': lambda: mlorc.adopt(schedule(1e-3), rank=RANK),
@@ -216,34 +251,127 @@ def family_optimizers(steps):
   }
 
 
+def reference_of(name: str, names) -> str | None:
+  """The row a run's held-out loss is compared with.
+
+  AdamW (full) in the main comparison; in `--family`, the same optimizer's
+  full-state version (None for MoFaSGD, which has none).
+  """
+  if 'AdamW (full)' in names:
+    return 'AdamW (full)'
+  full = name.removeprefix('MLorc-').removesuffix(f' r{RANK}').split(' + ')[0] + ' (full)'
+  return full if full in names else None
+
+
+# --------------------------------------------------------------------------- report
+COLUMNS = (
+    # (row key, header, width, format, what it is)
+    ('held_out_loss', 'held-out loss', 13, '.4f',
+     'mean cross-entropy (nats/char) over the whole test split, never trained on'),
+    ('held_out_ratio', 'vs {ref}', 9, '.3f',
+     'held-out loss over {ref_long}; below 1 is better'),
+    ('final_train_loss', 'last-10 train', 13, '.4f', 'mean training loss of the last 10 fine-tuning steps'),
+    ('state_MiB', 'state MiB', 9, '.3f', 'optimizer state (moments, factors, counts) in MiB'),
+    ('step_ms', 'step ms', 8, '.1f', 'median wall time of one training step (forward, backward, update)'),
+)
+
+
+def table(rows, family: bool) -> str:
+  """The results as text: a header naming each column, the rows, and what each column is."""
+  ref, ref_long = ('full', "the same optimizer's full-state version") if family else (
+      'AdamW', "full AdamW's")
+  width = max(len(r['optimizer']) for r in rows)
+  header = f"{'optimizer':{width}s}" + ''.join(
+      f" {h.format(ref=ref):>{w}s}" for _, h, w, _, _ in COLUMNS)
+  lines = [header, '-' * len(header)]
+  for r in rows:
+    cells = (f" {'-':>{w}s}" if r[k] is None else f" {r[k]:{w}{fmt}}" for k, _, w, fmt, _ in COLUMNS)
+    lines.append(f"{r['optimizer']:{width}s}" + ''.join(cells))
+  lines.append('')
+  lines += [f'  {h.format(ref=ref):>13s}: {what.format(ref_long=ref_long)}' for _, h, _, _, what in COLUMNS]
+  return '\n'.join(lines)
+
+
+def style(name: str, index: int) -> dict:
+  """Colour by run (tab10), dash by kind: full state solid, MLorc dashed, with correction dash-dot."""
+  import matplotlib
+
+  dashes = '-.' if 'residual correction' in name else '--' if name.startswith('MLorc') else '-'
+  return dict(color=matplotlib.colormaps['tab10'](index % 10), linestyle=dashes)
+
+
+def plot(curves, held_out, before, path, title):
+  """Two panels: training-loss curves, and the held-out losses as bars; the legend below both."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw=dict(width_ratios=(3, 2)))
+  names = list(curves)
+  window = max(len(curves[names[0]]) // 20, 1)
+  for i, name in enumerate(names):
+    smooth = np.convolve(curves[name], np.ones(window) / window, mode='valid')
+    ax.plot(np.arange(len(smooth)) + window, smooth, label=name, linewidth=1.4, **style(name, i))
+  ax.set_xlabel('fine-tuning step')
+  ax.set_ylabel(f'training loss (moving average of {window} steps)')
+  ax.grid(alpha=0.3)
+
+  y = np.arange(len(names))[::-1]
+  for i, name in enumerate(names):
+    bars.barh(y[i], held_out[name], color=style(name, i)['color'],
+              hatch='//' if name.startswith('MLorc') else None, edgecolor='white')
+    bars.text(held_out[name], y[i], f' {held_out[name]:.3f}', va='center', fontsize=8)
+  bars.axvline(before, color='gray', linestyle=':', label='held-out loss before fine-tuning')
+  bars.set_yticks(y, names, fontsize=8)
+  low = min(held_out.values())
+  bars.set_xlim(low - 0.15 * (before - low) - 1e-3, before + 0.1 * (before - low) + 1e-3)
+  bars.set_xlabel('held-out loss after fine-tuning (test split)')
+
+  fig.suptitle(title)
+  # Below both panels, so that it hides no curve.
+  handles, labels = (a + b for a, b in zip(ax.get_legend_handles_labels(), bars.get_legend_handles_labels()))
+  fig.legend(handles, labels, loc='lower center', ncol=3, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.03 + 0.035 * ((len(labels) + 2) // 3), 1, 1))
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--quick', action='store_true', help='tiny model and few steps')
+  parser.add_argument('--quick', action='store_true', help='tiny model and few steps (a smoke run)')
   parser.add_argument('--family', action='store_true',
-                      help='ADOPT, CAME, Prodigy, D-Adapt Lion and MoFaSGD instead (finetune_family_*.json)')
-  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'results'))
+                      help='ADOPT, CAME, Prodigy, D-Adapt Lion and MoFaSGD instead (finetune_family_*)')
+  parser.add_argument('--out', default='finetune_lm_out',
+                      help='directory for the JSON and the plot (default: %(default)s); '
+                           '--out benchmarks/results regenerates the published results')
   args = parser.parse_args(argv)
   if args.quick:
-    d, layers, heads, seq, batch, pre_steps, ft_steps, eval_batches = 64, 1, 2, 32, 8, 10, 6, 2
+    d, layers, heads, seq, batch, pre_steps, ft_steps = 64, 1, 2, 32, 8, 10, 6
   else:
-    d, layers, heads, seq, batch, pre_steps, ft_steps, eval_batches = 128, 2, 4, 128, 32, 600, 300, 20
+    d, layers, heads, seq, batch, pre_steps, ft_steps = 128, 2, 4, 128, 32, PRETRAIN_STEPS, FINETUNE_STEPS
 
-  pre = encode(language_reference())
-  docs = encode(stdlib_docstrings())
+  pretrain_text, finetune_text = corpora()
+  pre, docs = encode(pretrain_text), encode(finetune_text)
   cut = int(0.9 * len(docs))
-  ft_train, ft_test = docs[:cut], docs[cut:]
-  print(f'pretraining corpus {len(pre):,} chars, fine-tuning corpus {len(docs):,} chars')
+  ft_train, ft_test = docs[:cut], windows(docs[cut:], seq)
+  print(f'pretraining corpus {len(pre):,} chars; fine-tuning corpus {len(docs):,} chars, '
+        f'the last 10% ({len(ft_test)} windows of {seq}) held out for testing')
 
   runs = family_optimizers(ft_steps) if args.family else optimizers(ft_steps)
-  progress = tqdm(total=pre_steps + ft_steps * len(runs), desc='training', disable=None)
+  width = max(map(len, runs))
+  bar = lambda desc, total: tqdm(total=total, desc=f'{desc:{width}s}', unit='step', leave=True)
   model = CharTransformer(d, layers, heads, seq, nnx.Rngs(0))
-  pre_losses, _, _ = train(model, optax.adamw(3e-3), batches(pre, batch, seq, 0), pre_steps, progress)
+  with bar('pretraining (AdamW)', pre_steps) as progress:
+    pre_losses, _, _ = train(model, optax.adamw(3e-3), batches(pre, batch, seq, 0), pre_steps, progress)
   pretrained = nnx.state(model)
   graphdef = nnx.graphdef(model)
-  base_loss = evaluate(model, batches(ft_test, batch, seq, 99), eval_batches)
+  base_loss = float(evaluate(model, ft_test))
   if not args.family:
     print('\nWhat MLorc-AdamW compresses in this model:')
     mlorc.summarize(runs['MLorc-AdamW r4'](), nnx.state(model, nnx.Param))
+    print()
 
   rows, curves = [], {}
   for name, make in runs.items():
@@ -253,57 +381,46 @@ def main(argv=None):
       wrt = nnx.Any(nnx.PathContains('a'), nnx.PathContains('b'))
     else:
       wrt = nnx.Param
-    losses, step_s, optimizer = train(
-        model, make(), batches(ft_train, batch, seq, 1), ft_steps, progress, wrt=wrt
-    )
-    held_out = evaluate(model, batches(ft_test, batch, seq, 99), eval_batches)
+    with bar(name, ft_steps) as progress:
+      losses, step_s, optimizer = train(
+          model, make(), batches(ft_train, batch, seq, 1), ft_steps, progress, wrt=wrt
+      )
     curves[name] = losses
     rows.append(dict(
-        optimizer=name, held_out_loss=held_out, final_train_loss=float(np.mean(losses[-10:])),
-        state_MiB=state_bytes(optimizer) / 2**20, step_ms=1e3 * step_s,
+        optimizer=name, held_out_loss=float(evaluate(model, ft_test)), held_out_ratio=None,
+        final_train_loss=float(np.mean(losses[-10:])), state_MiB=state_bytes(optimizer) / 2**20,
+        step_ms=1e3 * step_s,
     ))
-  progress.close()
-
-  print(f'\nheld-out loss before fine-tuning: {base_loss:.4f}')
-  header = f"{'optimizer':22s} {'held-out loss':>13s} {'train loss':>10s} {'state MiB':>9s} {'step ms':>8s}"
-  print(header)
+  by_name = {r['optimizer']: r for r in rows}
   for r in rows:
-    print(f"{r['optimizer']:22s} {r['held_out_loss']:13.4f} {r['final_train_loss']:10.4f} "
-          f"{r['state_MiB']:9.3f} {r['step_ms']:8.1f}")
+    ref = reference_of(r['optimizer'], by_name)
+    if ref is not None:
+      r['held_out_ratio'] = r['held_out_loss'] / by_name[ref]['held_out_loss']
+
+  print(f'\nFine-tuned {ft_steps} steps from the same pretrained weights '
+        f'(held-out loss before fine-tuning: {base_loss:.4f}):\n')
+  print(table(rows, args.family))
 
   os.makedirs(args.out, exist_ok=True)
   tag = 'quick' if args.quick else jax.devices()[0].platform
-  name = 'finetune_family' if args.family else 'finetune_lm'
+  stem = os.path.join(args.out, f"{'finetune_family' if args.family else 'finetune_lm'}_{tag}")
   result = dict(
-      example=name, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+      example=os.path.basename(stem).rsplit('_', 1)[0], device=str(jax.devices()[0].device_kind),
+      jax=jax.__version__,
       config=dict(d=d, layers=layers, heads=heads, seq=seq, batch=batch, pretrain_steps=pre_steps,
-                  finetune_steps=ft_steps, rank=RANK),
-      held_out_before=base_loss, rows=rows, pretrain_final_loss=float(np.mean(pre_losses[-10:])),
+                  finetune_steps=ft_steps, rank=RANK, adamw_residual_correction=ADAMW_RESIDUAL_CORRECTION,
+                  lion_residual_correction=LION_RESIDUAL_CORRECTION),
+      held_out_before=base_loss,
+      held_out_ratio_to="the same optimizer's full-state version" if args.family else 'AdamW (full)',
+      rows=rows, pretrain_final_loss=float(np.mean(pre_losses[-10:])),
   )
-  with open(os.path.join(args.out, f'{name}_{tag}.json'), 'w') as f:
+  with open(f'{stem}.json', 'w') as f:
     json.dump(result, f, indent=1)
-  plot(curves, os.path.join(args.out, f'{name}_{tag}.png'))
+  plot(curves, {r['optimizer']: r['held_out_loss'] for r in rows}, base_loss, f'{stem}.png',
+       f'Fine-tuning a {layers}-layer char transformer (pretrained on the Python language '
+       f'reference)\non standard-library docstrings, {ft_steps} steps, rank {RANK}')
+  print(f'\nwrote {stem}.json and {stem}.png (in {os.path.abspath(args.out)})')
   return result
-
-
-def plot(curves, path):
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, losses in curves.items():
-    window = max(len(losses) // 20, 1)
-    smooth = np.convolve(losses, np.ones(window) / window, mode='valid')
-    ax.plot(np.arange(len(smooth)) + window, smooth, label=name)
-  ax.set_xlabel('fine-tuning step')
-  ax.set_ylabel('training loss (moving average)')
-  ax.set_title('Fine-tuning a char transformer on stdlib docstrings')
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print('saved', path)
 
 
 if __name__ == '__main__':
