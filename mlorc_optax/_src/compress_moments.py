@@ -279,19 +279,15 @@ def _batch_sum(tree: Any) -> Any:
 def _passes(lw, compressor, leaves, glob, key, residual_weights):
   """All passes of one step over the parameters.
 
-  1. the repair's fill of every non-negative moment (a loop per group);
+  1. the repair's fill of every non-negative moment;
   2. optionally the read-only pre-pass and `lw.prepare`;
-  3. the new factors of every compressed matrix (a loop per group);
+  3. the new factors of every compressed matrix (a loop per group; without
+     a pre-pass, the fills of 1. are found in the same loop);
   4. updates (corrected by `residual_weights`) and the other new entries,
      elementwise, and their stats.
 
   Returns (glob_mid, per leaf (update, new entries), summed stats).
   """
-  no_fills = {leaf.index: {} for leaf in leaves if leaf.compressed}
-  fills = leaf_groups.map_matrices(
-      leaves, lambda k, g, p, e, x: matrix_step.negative_fills(lw, e), key
-  ) if lw.nonnegative else no_fills
-
   def over_batch(fn, leaf, *args, **batched):
     """`fn` over the leaf's matrices; `args` shared, `batched` per matrix."""
     return jax.vmap(lambda g, p, e, f, kw: fn(lw, g, p, e, f, *args, **kw))(
@@ -299,19 +295,25 @@ def _passes(lw, compressor, leaves, glob, key, residual_weights):
     )
 
   glob_mid = glob
-  if lw.prepare_leaf is not None:
+  if lw.prepare_leaf is None:
+    both = leaf_groups.map_matrices(leaves, lambda k, g, p, e, _: _fills_and_factors(
+        lw, compressor, k, g, p, e, glob, glob_mid), key)
+    fills = {i: f for i, (f, _) in both.items()}
+    factors = {i: x for i, (_, x) in both.items()}
+  else:
+    fills = leaf_groups.map_matrices(leaves, lambda k, g, p, e, x: matrix_step.negative_fills(lw, e), key)
     pre = [
         _batch_sum(over_batch(matrix_step.prepare, leaf, glob)) if leaf.compressed
         else lw.prepare_leaf(leaf.g, leaf.p, leaf.entries, glob)
         for leaf in leaves
     ]
     glob_mid = lw.prepare(glob, leafwise.sum_stats(pre))
+    factors = leaf_groups.map_matrices(
+        leaves,
+        lambda k, g, p, e, f: matrix_step.new_factors(lw, compressor, k, g, p, e, f, glob, glob_mid),
+        key, xs=fills,
+    )
 
-  factors = leaf_groups.map_matrices(
-      leaves,
-      lambda k, g, p, e, f: matrix_step.new_factors(lw, compressor, k, g, p, e, f, glob, glob_mid),
-      key, xs=fills,
-  )
   results, stats = [], []
   for leaf in leaves:
     if leaf.compressed:
@@ -324,6 +326,12 @@ def _passes(lw, compressor, leaves, glob, key, residual_weights):
       results.append((u, new))
       stats.append(st)
   return glob_mid, results, leafwise.sum_stats(stats)
+
+
+def _fills_and_factors(lw, compressor, key, g, p, entries, glob, glob_mid):
+  """Steps 1 and 3 of one matrix in one loop body: (fills, new factors)."""
+  fills = matrix_step.negative_fills(lw, entries)
+  return fills, matrix_step.new_factors(lw, compressor, key, g, p, entries, fills, glob, glob_mid)
 
 
 def _check_residual_names(residual_weights, moments) -> None:
