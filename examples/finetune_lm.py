@@ -251,16 +251,15 @@ def family_optimizers(steps):
   }
 
 
-def reference_of(name: str, names) -> str | None:
-  """The row a run's held-out loss is compared with.
+def reference_of(name: str, family: bool) -> str:
+  """The run a run's held-out loss is compared with.
 
   AdamW (full) in the main comparison; in `--family`, the same optimizer's
-  full-state version (None for MoFaSGD, which has none).
+  full-state version ('MoFaSGD (full)' for MoFaSGD, which has none, so never run).
   """
-  if 'AdamW (full)' in names:
+  if not family:
     return 'AdamW (full)'
-  full = name.removeprefix('MLorc-').removesuffix(f' r{RANK}').split(' + ')[0] + ' (full)'
-  return full if full in names else None
+  return name.removeprefix('MLorc-').removesuffix(f' r{RANK}') + ' (full)'
 
 
 # --------------------------------------------------------------------------- report
@@ -346,6 +345,8 @@ def main(argv=None):
   parser.add_argument('--out', default='finetune_lm_out',
                       help='directory for the JSON and the plot (default: %(default)s); '
                            '--out benchmarks/results regenerates the published results')
+  parser.add_argument('--only', type=lambda s: s.split(','), default=None, metavar='NAME,NAME',
+                      help='run only these optimizers (names as in the table)')
   args = parser.parse_args(argv)
   if args.quick:
     d, layers, heads, seq, batch, pre_steps, ft_steps = 64, 1, 2, 32, 8, 10, 6
@@ -360,6 +361,10 @@ def main(argv=None):
         f'the last 10% ({len(ft_test)} windows of {seq}) held out for testing')
 
   runs = family_optimizers(ft_steps) if args.family else optimizers(ft_steps)
+  if args.only:
+    if unknown := set(args.only) - set(runs):
+      parser.error(f'unknown optimizers {sorted(unknown)}; choose from {list(runs)}')
+    runs = {name: make for name, make in runs.items() if name in args.only}
   width = max(map(len, runs))
   bar = lambda desc, total: tqdm(total=total, desc=f'{desc:{width}s}', unit='step', leave=True)
   model = CharTransformer(d, layers, heads, seq, nnx.Rngs(0))
@@ -368,7 +373,7 @@ def main(argv=None):
   pretrained = nnx.state(model)
   graphdef = nnx.graphdef(model)
   base_loss = float(evaluate(model, ft_test))
-  if not args.family:
+  if 'MLorc-AdamW r4' in runs:
     print('\nWhat MLorc-AdamW compresses in this model:')
     mlorc.summarize(runs['MLorc-AdamW r4'](), nnx.state(model, nnx.Param))
     print()
@@ -393,8 +398,8 @@ def main(argv=None):
     ))
   by_name = {r['optimizer']: r for r in rows}
   for r in rows:
-    ref = reference_of(r['optimizer'], by_name)
-    if ref is not None:
+    ref = reference_of(r['optimizer'], args.family)
+    if ref in by_name:
       r['held_out_ratio'] = r['held_out_loss'] / by_name[ref]['held_out_loss']
 
   print(f'\nFine-tuned {ft_steps} steps from the same pretrained weights '
