@@ -33,7 +33,8 @@ def section() -> str:
         common.table(r['rows']), '',
     ]
   for r in load('update_memory_*.json'):
-    names = ['optax.adamw', 'mlorc.adamw', 'mlorc.lion', 'galore']
+    names = [n for n in ('optax.adamw', 'mlorc.adamw', 'mlorc.adamw +res', 'mlorc.lion', 'galore')
+             if f'{n} temp_MiB' in r['rows'][0]]
     parts += [
         f"**Transient memory of the compiled update** (`temp_size_in_bytes`, state donated, "
         f"`python benchmarks/update_memory.py`, {r['device']}): a d=512 transformer with a "

@@ -25,6 +25,7 @@ def variants():
   return {
       'optax.adamw': optax.adamw(1e-3),
       'mlorc.adamw': mlorc.adamw(1e-3, rank=4),
+      'mlorc.adamw +res': mlorc.adamw(1e-3, rank=4, residual_correction=1.0),
       'mlorc.lion': mlorc.lion(1e-4, rank=4),
       'galore': optax.contrib.galore(1e-3, rank=4),
   }

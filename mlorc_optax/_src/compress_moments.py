@@ -23,6 +23,7 @@ from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import optax_inner
 from mlorc_optax._src import tree_checks
 from mlorc_optax._src import validation
+from mlorc_optax._src import xla_steering
 from mlorc_optax._src.leafwise import LeafwiseState, LeafwiseTransformation
 from mlorc_optax._src.randomized_svd import LowRankFactors
 
@@ -317,6 +318,9 @@ def _passes(lw, compressor, leaves, glob, key, residual_weights):
   results, stats = [], []
   for leaf in leaves:
     if leaf.compressed:
+      # The update is computed once the leaf's factors are: otherwise XLA
+      # starts it before the loops and keeps its full-size result alive meanwhile.
+      leaf = leaf._replace(entries=xla_steering.serialize_after(factors[leaf.index], leaf.entries))
       corrected = dict(factors=factors[leaf.index]) if residual_weights else {}
       u, others, st = over_batch(matrix_step.update, leaf, glob, glob_mid, residual_weights, **corrected)
       results.append((u, {**others, **factors[leaf.index]}))
