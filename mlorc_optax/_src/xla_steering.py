@@ -11,6 +11,9 @@ XLA:CPU, jax 0.10; GPU and TPU not yet measured):
   Guarded by tests/test_memory.py (temp bytes flat in depth). Per backend
   in `SERIALIZE_ON`: measured on CPU; kept on for GPU and TPU until measured
   there (a scheduler that overlaps parameters would cost memory, not speed).
+  `compress_moments._passes` also makes each update wait for its leaf's new
+  factors: otherwise XLA:CPU computes the updates before the loops and keeps
+  them alive (MLorc-AdamW's temp was 2.1x the largest matrix, now 1.1x).
 - `randomized_svd._FUSED_RECONSTRUCT_MAX_RANK` (in `reconstruct`):
   up to this rank u diag(s) v^T is written as r outer products, which XLA
   fuses into the consumer instead of giving a matmul's (m, n) output its own
