@@ -31,21 +31,22 @@ def _state_bytes(tx, params):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(tx.init, params)))
 
 
-@pytest.mark.parametrize('make,matrices', [(mlorc.adamw, 3), (mlorc.lion, 2)], ids=['adamw', 'lion'])
-def test_update_temp_bytes_do_not_grow_with_depth(make, matrices):
-  """Bounded by one layer's matrices (the moments and the gradient read in
-  the group loop), plus copies of the factors (2x the optimizer state, which
-  is small), not by the model."""
+@pytest.mark.parametrize('make', [mlorc.adamw, mlorc.lion], ids=['adamw', 'lion'])
+def test_update_temp_bytes_do_not_grow_with_depth(make):
+  """Bounded by one matrix (read in the group loop), plus copies of the
+  factors (2x the optimizer state, which is small), not by the model. Each
+  update waits for its factors: computed before the loops, AdamW's updates
+  took 2 matrices more."""
   tx = make(1e-3, rank=4)
   shallow, deep = _temp_bytes(tx, _model(2)), _temp_bytes(tx, _model(8))
   state_growth = _state_bytes(tx, _model(8)) - _state_bytes(tx, _model(2))
   assert deep - shallow <= 2.5 * state_growth
-  assert deep <= matrices * MATRIX_BYTES + 2.5 * _state_bytes(tx, _model(8))
+  assert deep <= MATRIX_BYTES + 2.5 * _state_bytes(tx, _model(8))
 
 
 def test_scanned_layers_are_processed_one_at_a_time():
   tx = mlorc.adamw(1e-3, rank=4)
   stacked = lambda layers: {'up': jax.ShapeDtypeStruct((layers, M, N), jnp.float32)}
   # lax.map over the layer axis: one layer's moments at a time.
-  assert _temp_bytes(tx, stacked(2)) <= 3 * MATRIX_BYTES
-  assert _temp_bytes(tx, stacked(8)) <= 3 * MATRIX_BYTES
+  assert _temp_bytes(tx, stacked(2)) <= 2 * MATRIX_BYTES
+  assert _temp_bytes(tx, stacked(8)) <= 2 * MATRIX_BYTES
