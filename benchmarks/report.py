@@ -83,6 +83,38 @@ def section() -> str:
         common.table(r['rows'], ['optimizer', 'step_ms', 'step_vs_adamw', 'state_MiB', 'peak_MiB',
                                  'peak_vs_adamw', 'compile_s']), '',
     ]
+  for r in load('quality_[!q]*.json'):
+    parts += [
+        f"**Fine-tuning quality** (`python benchmarks/quality.py`, {r['device']}): two tasks, each "
+        'pretrained once and fine-tuned from the same weights by every method; learning rate '
+        'picked on a grid of 3 on the validation split (seed 0), then seeds 0-2 at that rate; '
+        'held-out (test) loss, mean ± std over the 3 seeds; `vs ref` is the ratio of means to '
+        "AdamW's (Lion's for the Lion variants); r8/r16 use AdamW's chosen rate.", '',
+    ]
+    for task, stored in r['tasks'].items():
+      if not stored.get('summary'):
+        continue
+      rows = [dict(
+          method=x['method'], lr=f"{x['lr']:.2g}" + (' (edge)' if x['lr_at_grid_edge'] else ''),
+          test_loss=f"{x['test_mean']:.4f} ± {x['test_std']:.4f}",
+          vs_ref=f"{x['ratio']:.3f}" if x['ratio'] else '',
+          state_KiB=f"{x['state_bytes'] / 1024:.1f}",
+          **({'test_accuracy': f"{x['test_accuracy_mean']:.3f}"} if 'test_accuracy_mean' in x else {}),
+      ) for x in stored['summary']]
+      parts += [
+          f"Task `{task}` (held-out loss before fine-tuning "
+          f"{stored['pretrained']['test_loss']:.4f}):", '', common.table(rows), '',
+      ]
+    parts += [f"![state against held-out loss](benchmarks/results/{r['file'][:-len('.json')]}.png)", '']
+  for r in load('residual_study_*.json'):
+    c = r['config']
+    parts += [
+        f"**Residual correction and Lion variants** (`python benchmarks/residual_study.py`, "
+        f"{r['device']}): the main job's task (d={c['d']}, {c['finetune_steps']} fine-tuning "
+        f"steps), one seed, AdamW-like at lr {c['adamw_lr']:g}, Lion-like at {c['lion_lr']:g}; "
+        '`vs full` is the ratio to AdamW or Lion:', '',
+        common.table(r['rows']), '',
+    ]
   for r in load('finetune_lm_[!q]*.json'):
     c = r['config']
     parts += [

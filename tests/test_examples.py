@@ -49,10 +49,10 @@ def test_finetune_example_quick(tmp_path):
 
   assert list(finetune_lm.optimizers(10)) == [
       'AdamW (full)', 'MLorc-AdamW r4', 'MLorc-AdamW r4 + residual correction', 'Lion (full)',
-      'MLorc-Lion r4', 'MLorc-Lion r4 + residual correction', 'GaLore r4', 'LoRA r4',
+      'MLorc-Lion r4', 'MLorc-Lion r4 + warm start', 'GaLore r4', 'LoRA r4',
   ]
   only = ('AdamW (full)', 'MLorc-AdamW r4', 'MLorc-AdamW r4 + residual correction',
-          'MLorc-Lion r4 + residual correction', 'LoRA r4')
+          'MLorc-Lion r4 + warm start', 'LoRA r4')
   published = _published_finetune_results()
   result = finetune_lm.main(['--quick', '--only', ','.join(only), '--out', str(tmp_path)])
   rows = {r['optimizer']: r for r in result['rows']}
@@ -65,7 +65,7 @@ def test_finetune_example_quick(tmp_path):
     assert rows[name]['held_out_loss'] < result['held_out_before']
   assert rows['MLorc-AdamW r4']['state_MiB'] < 0.25 * rows['AdamW (full)']['state_MiB']
   # Lion keeps one moment where AdamW keeps two.
-  assert rows['MLorc-Lion r4 + residual correction']['state_MiB'] < 0.125 * rows['AdamW (full)']['state_MiB']
+  assert rows['MLorc-Lion r4 + warm start']['state_MiB'] < 0.125 * rows['AdamW (full)']['state_MiB']
   # The correction changes the run, not the state it keeps.
   plain, corrected = rows['MLorc-AdamW r4'], rows['MLorc-AdamW r4 + residual correction']
   assert corrected['state_MiB'] == plain['state_MiB']
