@@ -34,6 +34,7 @@ against test loss, to quality_<platform>.png.
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -58,7 +59,7 @@ import mlorc_optax as mlorc  # noqa: E402
 
 SEEDS = (0, 1, 2)
 GRID = (0.5, 1.0, 2.0)  # multiples of the task's base learning rate, tried at seed 0
-LION_RESIDUAL = 0.1  # residual_correction of 'MLorc-Lion r4 +res' (--lion-residual)
+QUICK_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}  # about 1/4 less compile time
 
 
 # --------------------------------------------------------------------------- methods
@@ -139,16 +140,22 @@ METHODS: dict[str, Method] = {
         galore, dict(rank=4, update_proj_gap=100, weight_decay=0.01), lr='galore', rank=4
     ),
     'LoRA r4': Method(optax.adamw, dict(weight_decay=0.0), lr='lora', lora=4, rank=4),
-    'MLorc-AdamW r4': Method(mlorc.adamw, dict(rank=4, weight_decay=0.01), seeded=True, rank=4),
+    'MLorc-AdamW r4': Method(
+        mlorc.adamw, dict(rank=4, weight_decay=0.01), lr='mlorc_adam', seeded=True, rank=4
+    ),
     'MLorc-AdamW r4 +res': Method(
-        mlorc.adamw, dict(rank=4, weight_decay=0.01, residual_correction=1.0), seeded=True, rank=4
+        mlorc.adamw, dict(rank=4, weight_decay=0.01, residual_correction=1.0), lr='mlorc_adam',
+        seeded=True, rank=4,
     ),
     'MLorc-Lion r4': Method(
-        mlorc.lion, dict(rank=4, weight_decay=0.1), lr='lion', reference='Lion', seeded=True, rank=4
+        mlorc.lion, dict(rank=4, weight_decay=0.1), lr='mlorc_lion', reference='Lion', seeded=True,
+        rank=4,
     ),
-    'MLorc-Lion r4 +res': Method(
-        mlorc.lion, dict(rank=4, weight_decay=0.1, residual_correction=LION_RESIDUAL), lr='lion',
-        reference='Lion', seeded=True, rank=4,
+    # Residual correction does not help Lion (benchmarks/residual_study.py):
+    # its best variant there tracks the momentum's subspace instead.
+    'MLorc-Lion r4 +warm': Method(
+        mlorc.lion, dict(rank=4, weight_decay=0.1, warm_start=True),
+        lr='mlorc_lion', reference='Lion', seeded=True, rank=4,
     ),
     # The frontier: higher ranks at AdamW's chosen rate, no grid of their own.
     'MLorc-AdamW r8': Method(
@@ -161,6 +168,14 @@ METHODS: dict[str, Method] = {
 
 
 # ----------------------------------------------------------------------------- tasks
+# Base (middle) learning rate of each kind of method, per task: the centres of
+# wider seed-0 sweeps at these step counts on the shared 2-core CPU (factor 2
+# apart). The low-rank methods preferred rates 2-4x AdamW's.
+LM_LR = dict(adam=4e-3, mlorc_adam=8e-3, lion=8e-4, mlorc_lion=8e-4, adafactor=3e-2, galore=8e-3,
+             lora=1.6e-2)
+DIGITS_LR = dict(adam=8e-3, mlorc_adam=8e-3, lion=8e-4, mlorc_lion=1.6e-3, adafactor=1e-1,
+                 galore=4e-2, lora=3.2e-2)
+
 @dataclasses.dataclass
 class Task:
   """A pretrained model and its fine-tuning data.
@@ -230,7 +245,7 @@ def lm_task(quick: bool, **overrides) -> Task:
       train=lambda seed: finetune_lm.batches(train, batch, seq, 1000 + seed),
       val=_windows(val, seq, batch, cfg['eval_batches']),
       test=_windows(test, seq, batch, cfg['eval_batches']),
-      steps=cfg['steps'], lr=dict(adam=4e-3, lion=4e-4, adafactor=2e-2, galore=1.6e-2, lora=8e-3),
+      steps=cfg['steps'], lr=LM_LR,
       config=cfg, pretrain_step_s=step_s,
   )
 
@@ -322,7 +337,7 @@ def digits_task(quick: bool, **overrides) -> Task:
       train=lambda seed: augmented(ft_images[:cut1], ft_labels[:cut1], batch, 1000 + seed, noise),
       val=[_noisy(ft_images[cut1:cut2], ft_labels[cut1:cut2], noise, draws, 1)],
       test=[_noisy(ft_images[cut2:], ft_labels[cut2:], noise, draws, 2)],
-      steps=cfg['steps'], lr=dict(adam=8e-3, lion=8e-4, adafactor=8e-2, galore=4e-2, lora=3.2e-2),
+      steps=cfg['steps'], lr=DIGITS_LR,
       config=cfg, lora_full=('head',), accuracy=digits_accuracy, pretrain_step_s=step_s,
   )
 
@@ -388,11 +403,14 @@ class Runner:
 
   The peak learning rate enters the compiled step as an argument scaling the
   whole update (every optimizer here applies its learning rate last), so the
-  runs of a grid share one compilation.
+  runs of a grid share one compilation. `compiler_options` go to every
+  step's compilation (--quick lowers XLA's optimisation level: its numbers
+  are not for reading, and compiling MLorc's update is most of its time).
   """
 
-  def __init__(self, task: Task):
+  def __init__(self, task: Task, compiler_options: dict[str, Any] | None = None):
     self.task = task
+    self.compiler_options = compiler_options
     self.graphdef, params, self.rest = nnx.split(task.model, nnx.Param, ...)
     self.params = nnx.to_pure_dict(params)
     self.steps_cache = {}
@@ -412,7 +430,7 @@ class Runner:
       task, graphdef, rest = self.task, self.graphdef, self.rest
       loss = lambda t, frozen, batch: task.loss(nnx.merge(graphdef, merge(t, frozen), rest), batch)
 
-      @jax.jit
+      @functools.partial(jax.jit, compiler_options=self.compiler_options)
       def step(trainable, frozen, opt_state, batch, peak_lr):
         value, grads = jax.value_and_grad(loss)(trainable, frozen, batch)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -522,7 +540,8 @@ def _write(path: str, record: dict[str, Any]) -> None:
 
 
 def run_task(task: Task, methods: dict[str, Method], all_methods: dict[str, Method], seeds,
-             stored: dict[str, Any], resume: bool, save: Callable[[], None]) -> dict[str, Any]:
+             stored: dict[str, Any], resume: bool, save: Callable[[], None],
+             compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs the protocol for one task's `methods`, storing each run in `stored` as it ends.
 
   The summary covers every method of `all_methods` with complete stored runs
@@ -541,7 +560,7 @@ def run_task(task: Task, methods: dict[str, Method], all_methods: dict[str, Meth
       stored['runs'] = [r for r in stored['runs'] if r['method'] != name]
     stored['specs'][name] = spec
 
-  runner = Runner(task)
+  runner = Runner(task, compiler_options)
   stored['pretrained'] = dict(val_loss=runner.evaluate(runner.params, task.val),
                               test_loss=runner.evaluate(runner.params, task.test))
   n_runs, n_compiles = planned_runs(methods, seeds)
@@ -649,7 +668,6 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> dict[str, Any]:
-  global LION_RESIDUAL
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true',
                       help='tiny models, a few steps, one rate, one seed (a smoke test)')
@@ -658,15 +676,8 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--tasks', default=','.join(TASKS), help='comma-separated, of: ' + ','.join(TASKS))
   parser.add_argument('--methods', default=None, help='comma-separated method names (default: all)')
   parser.add_argument('--resume', action='store_true', help='skip the runs already in the results file')
-  parser.add_argument('--lion-residual', type=float, default=LION_RESIDUAL,
-                      help="residual_correction of 'MLorc-Lion r4 +res'")
   args = parser.parse_args(argv)
 
-  LION_RESIDUAL = args.lion_residual
-  METHODS['MLorc-Lion r4 +res'] = dataclasses.replace(
-      METHODS['MLorc-Lion r4 +res'],
-      kwargs={**METHODS['MLorc-Lion r4 +res'].kwargs, 'residual_correction': LION_RESIDUAL},
-  )
   names = args.methods.split(',') if args.methods else list(METHODS)
   unknown = [n for n in names if n not in METHODS]
   if unknown:
@@ -690,7 +701,8 @@ def main(argv=None) -> dict[str, Any]:
   for name in args.tasks.split(','):
     task = TASKS[name](args.quick)
     stored = result['tasks'].setdefault(name, {})
-    run_task(task, methods, all_methods, seeds, stored, args.resume, save)
+    run_task(task, methods, all_methods, seeds, stored, args.resume, save,
+             QUICK_COMPILER_OPTIONS if args.quick else None)
     print_table(name, stored)
   result['wall_s_last_invocation'] = time.perf_counter() - start
   save()
