@@ -59,7 +59,7 @@ def headline(rounds, rank=4):
       'mlorc.adamw residual_correction=1': mlorc.adamw(1e-3, rank=rank, residual_correction=1.0),
       'optax.lion': optax.lion(1e-4),
       'mlorc.lion': mlorc.lion(1e-4, rank=rank),
-      'mlorc.lion residual_correction': mlorc.lion(1e-4, rank=rank, residual_correction=0.1),
+      'mlorc.lion warm_start': mlorc.lion(1e-4, rank=rank, warm_start=True),
   }
   times = interleaved(variants, grads, params, rounds)
   times['galore (amortised)'] = galore_time(
