@@ -297,7 +297,7 @@ def _passes(lw, compressor, leaves, glob, key, residual_weights):
 
   glob_mid = glob
   if lw.prepare_leaf is None:
-    both = leaf_groups.map_matrices(leaves, lambda k, g, p, e, _: _fills_and_factors(
+    both, last = leaf_groups.map_matrices_and_last(leaves, lambda k, g, p, e, _: _fills_and_factors(
         lw, compressor, k, g, p, e, glob, glob_mid), key)
     fills = {i: f for i, (f, _) in both.items()}
     factors = {i: x for i, (_, x) in both.items()}
@@ -309,18 +309,20 @@ def _passes(lw, compressor, leaves, glob, key, residual_weights):
         for leaf in leaves
     ]
     glob_mid = lw.prepare(glob, leafwise.sum_stats(pre))
-    factors = leaf_groups.map_matrices(
+    factors, last = leaf_groups.map_matrices_and_last(
         leaves,
         lambda k, g, p, e, f: matrix_step.new_factors(lw, compressor, k, g, p, e, f, glob, glob_mid),
         key, xs=fills,
     )
 
+  # The updates are computed once the loops are done: otherwise XLA starts
+  # them before the loops and keeps their full-size results alive meanwhile.
+  waiting = xla_steering.serialize_after(last, [leaf.entries for leaf in leaves if leaf.compressed])
+  waiting = iter(waiting)
   results, stats = [], []
   for leaf in leaves:
     if leaf.compressed:
-      # The update is computed once the leaf's factors are: otherwise XLA
-      # starts it before the loops and keeps its full-size result alive meanwhile.
-      leaf = leaf._replace(entries=xla_steering.serialize_after(factors[leaf.index], leaf.entries))
+      leaf = leaf._replace(entries=next(waiting))
       corrected = dict(factors=factors[leaf.index]) if residual_weights else {}
       u, others, st = over_batch(matrix_step.update, leaf, glob, glob_mid, residual_weights, **corrected)
       results.append((u, {**others, **factors[leaf.index]}))

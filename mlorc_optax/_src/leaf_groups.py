@@ -155,9 +155,18 @@ def map_matrices(
   Returns:
     Per compressed leaf index, the results with a leading batch axis.
   """
+  return map_matrices_and_last(leaves, fn, key, xs)[0]
+
+
+def map_matrices_and_last(
+    leaves: list[Leaf], fn: MatrixFn, key: jax.Array, xs: dict[int, Any] | None = None
+) -> tuple[dict[int, Any], Any]:
+  """`map_matrices`, and the last group's stacked results, which are
+  computed after every other group's: what to `serialize_after` to wait for
+  all of them at the cost of one read."""
   results, done = {}, ()
   for members in groups(leaves):
     extra = [None if xs is None else xs[m.index] for m in members]
     outs, done = _map_group(members, fn, key, extra, done)
     results.update({m.index: out for m, out in zip(members, outs)})
-  return results
+  return results, done
