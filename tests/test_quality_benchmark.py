@@ -1,4 +1,8 @@
-"""The quality benchmark's --quick smoke mode: every task and method, results and plot."""
+"""The quality benchmark's --quick smoke mode: every task, each kind of method, results and plot.
+
+Compiling is most of a quick run's time; the higher-rank and warm-start MLorc
+rows differ from the ones run here only in their arguments.
+"""
 
 import json
 import math
@@ -12,13 +16,16 @@ sys.path.insert(0, BENCHMARKS)
 
 pytest.importorskip('sklearn')
 
+SMOKE = ('AdamW', 'Lion', 'Adafactor', 'GaLore r4', 'LoRA r4', 'MLorc-AdamW r4',
+         'MLorc-AdamW r4 +res', 'MLorc-Lion r4')
+
 
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):
   import quality
 
   out = tmp_path_factory.mktemp('quality')
-  quality.main(['--quick', '--out', str(out)])
+  quality.main(['--quick', '--out', str(out), '--methods', ','.join(SMOKE)])
   with open(out / 'quality_quick.json') as f:
     return quality, out, json.load(f)
 
@@ -28,7 +35,7 @@ def test_every_task_and_method_has_a_finite_held_out_loss(quick):
   assert set(result['tasks']) == set(quality.TASKS)
   for name, task in result['tasks'].items():
     rows = {r['method']: r for r in task['summary']}
-    assert set(rows) == set(quality.METHODS), name
+    assert set(rows) == set(SMOKE) and set(SMOKE) <= set(quality.METHODS), name
     for method, r in rows.items():
       assert math.isfinite(r['test_mean']) and r['test_mean'] > 0, (name, method)
       assert r['state_bytes'] > 0, (name, method)
@@ -41,7 +48,7 @@ def test_state_bytes_are_ordered(quick):
   _, _, result = quick
   for name, task in result['tasks'].items():
     size = {r['method']: r['state_bytes'] for r in task['summary']}
-    assert size['MLorc-AdamW r4'] < size['MLorc-AdamW r8'] < size['MLorc-AdamW r16'] < size['AdamW'], name
+    assert size['MLorc-AdamW r4'] < size['AdamW'], name
     assert size['MLorc-AdamW r4'] == size['MLorc-AdamW r4 +res'], name
     assert size['MLorc-Lion r4'] < size['Lion'] < size['AdamW'], name
     assert size['GaLore r4'] < size['AdamW'], name
