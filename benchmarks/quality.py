@@ -15,7 +15,8 @@ deterministically) and then fine-tuned from the same weights by every method:
 
 Protocol, per task and method: fine-tune at seed 0 with each learning rate
 of a small grid (multiples of the task's base rate for the method's kind),
-keep the rate with the lowest validation loss, and run seeds 1 and 2 at it;
+extended past an edge that holds the best (up to twice), keep the rate with
+the lowest validation loss, and run seeds 1 and 2 at it;
 report the test loss (mean and standard deviation over the 3 seeds), its
 ratio to AdamW's (Lion's for the Lion variants), the chosen rate, the grid's
 validation losses and the optimizer state in bytes, measured from the real
@@ -59,6 +60,7 @@ import mlorc_optax as mlorc  # noqa: E402
 
 SEEDS = (0, 1, 2)
 GRID = (0.5, 1.0, 2.0)  # multiples of the task's base learning rate, tried at seed 0
+GRID_EXTENSIONS = 2  # steps past an edge of GRID where the best rate lies
 QUICK_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}  # about 1/4 less compile time
 
 
@@ -157,12 +159,12 @@ METHODS: dict[str, Method] = {
         mlorc.lion, dict(rank=4, weight_decay=0.1, warm_start=True),
         lr='mlorc_lion', reference='Lion', seeded=True, rank=4,
     ),
-    # The frontier: higher ranks at AdamW's chosen rate, no grid of their own.
+    # The frontier: higher ranks at MLorc-AdamW r4's chosen rate, no grid of their own.
     'MLorc-AdamW r8': Method(
-        mlorc.adamw, dict(rank=8, weight_decay=0.01), grid=(), lr_from='AdamW', seeded=True, rank=8
+        mlorc.adamw, dict(rank=8, weight_decay=0.01), grid=(), lr_from='MLorc-AdamW r4', seeded=True, rank=8
     ),
     'MLorc-AdamW r16': Method(
-        mlorc.adamw, dict(rank=16, weight_decay=0.01), grid=(), lr_from='AdamW', seeded=True, rank=16
+        mlorc.adamw, dict(rank=16, weight_decay=0.01), grid=(), lr_from='MLorc-AdamW r4', seeded=True, rank=16
     ),
 }
 
@@ -478,12 +480,31 @@ def _find(runs, name, lr, seed):
   return None
 
 
+def grid_rates(task_runs, name: str, base: dict[str, float], method: Method) -> list[float]:
+  """The learning rates to try at seed 0: the method's grid, extended by its
+  spacing past the edge that holds the lowest validation loss, up to
+  `GRID_EXTENSIONS` times (a rate chosen at an edge of what was tried is
+  flagged in the results)."""
+  rates = [base[method.lr] * g for g in method.grid]
+  for _ in range(GRID_EXTENSIONS):
+    found = [_find(task_runs, name, lr, 0) for lr in rates]
+    if len(rates) < 2 or any(r is None for r in found):
+      break
+    best = min(range(len(rates)), key=lambda i: found[i]['val_loss'])
+    if best == 0:
+      rates.insert(0, rates[0] * rates[0] / rates[1])
+    elif best == len(rates) - 1:
+      rates.append(rates[-1] * rates[-1] / rates[-2])
+    else:
+      break
+  return rates
+
+
 def chosen_lr(task_runs, name: str, base: dict[str, float], method: Method, chosen: dict) -> float | None:
-  """The grid's learning rate with the lowest validation loss at seed 0."""
+  """The tried learning rate with the lowest validation loss at seed 0."""
   if method.lr_from:
     return chosen.get(method.lr_from)
-  grid = [base[method.lr] * g for g in method.grid]
-  found = [_find(task_runs, name, lr, 0) for lr in grid]
+  found = [_find(task_runs, name, lr, 0) for lr in grid_rates(task_runs, name, base, method)]
   if any(r is None for r in found):
     return None
   return min(found, key=lambda r: r['val_loss'])['lr']
@@ -500,11 +521,10 @@ def summarize(task_runs, base: dict[str, float], methods: dict[str, Method], see
       continue
     chosen[name] = lr
     test = np.array([r['test_loss'] for r in runs])
-    grid = {f'{base[method.lr] * g:.3g}': _find(task_runs, name, base[method.lr] * g, 0)['val_loss']
-            for g in method.grid}
+    rates = grid_rates(task_runs, name, base, method) if method.grid else []
+    grid = {f'{x:.3g}': _find(task_runs, name, x, 0)['val_loss'] for x in rates}
     rows[name] = dict(
-        method=name, lr=lr, lr_at_grid_edge=bool(len(grid) > 1 and lr in (
-            base[method.lr] * min(method.grid), base[method.lr] * max(method.grid))),
+        method=name, lr=lr, lr_at_grid_edge=bool(len(rates) > 1 and lr in (rates[0], rates[-1])),
         test_mean=float(test.mean()), test_std=float(test.std(ddof=1)) if len(test) > 1 else 0.0,
         val_mean=float(np.mean([r['val_loss'] for r in runs])),
         state_bytes=runs[0]['state_bytes'], rank=method.rank, reference=method.reference,
@@ -582,8 +602,10 @@ def run_task(task: Task, methods: dict[str, Method], all_methods: dict[str, Meth
 
   chosen = {}
   for name, method in methods.items():
-    for lr in [task.lr[method.lr] * g for g in method.grid]:
-      ensure(name, method, lr, seeds[0])
+    while missing := [lr for lr in grid_rates(stored['runs'], name, task.lr, method)
+                      if _find(stored['runs'], name, lr, seeds[0]) is None]:
+      for lr in missing:
+        ensure(name, method, lr, seeds[0])
     lr = chosen_lr(stored['runs'], name, task.lr, method, chosen)
     if lr is None:
       print(f'{task.name} {name}: no learning rate of {method.lr_from} to use; skipped')
