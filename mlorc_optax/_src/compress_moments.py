@@ -317,8 +317,7 @@ def _passes(lw, compressor, leaves, glob, key, residual_weights):
 
   # The updates are computed once the loops are done: otherwise XLA starts
   # them before the loops and keeps their full-size results alive meanwhile.
-  waiting = xla_steering.serialize_after(last, [leaf.entries for leaf in leaves if leaf.compressed])
-  waiting = iter(waiting)
+  waiting = iter(xla_steering.serialize_after(last, [leaf.entries for leaf in leaves if leaf.compressed]))
   results, stats = [], []
   for leaf in leaves:
     if leaf.compressed:
