@@ -56,17 +56,10 @@ def configurations(steps: int):
 
 
 def fine_tune(graphdef, pretrained, tx, data, steps, desc):
+  """A copy of the pretrained model trained with `tx` (the example's loop)."""
   model = nnx.merge(graphdef, jax.tree.map(jnp.copy, pretrained))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, tokens):
-    loss, grads = nnx.value_and_grad(lm.loss_fn)(model, tokens)
-    optimizer.update(model, grads)
-    return loss
-
-  for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
-    step(model, optimizer, next(data))
+  with tqdm(total=steps, desc=desc, leave=False, disable=None) as progress:
+    lm.train(model, tx, data, steps, progress)
   return model
 
 
