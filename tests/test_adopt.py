@@ -72,7 +72,9 @@ def test_step2_is_exact_when_the_first_gradient_has_rank_2(use_clipping):
       u_ours, s_ours = update_ours(g, s_ours, params)
       u_ref, s_ref = reference.update(g, s_ref, params)
     assert np.max(np.abs(u_ref['w'])) > 0.05
-    np.testing.assert_allclose(u_ours['w'], u_ref['w'], rtol=1e-9, atol=1e-12)
+    # Entries where g_1 is near 0 divide by a tiny sqrt(v_1) (updates of
+    # several hundred), which turns float64 rounding of v_1 into ~1e-9.
+    np.testing.assert_allclose(u_ours['w'], u_ref['w'], rtol=1e-7, atol=1e-12)
 
 
 def _adopt_atan2_numpy(grads, b1, b2, clip):

@@ -94,7 +94,11 @@ def _check_step2_exact(seed, dtype, rtol):
   for g in (g1, g2):
     u_ours, s_ours = ours.update(g, s_ours, params)
     u_ref, s_ref = reference.update(g, s_ref, params)
-  np.testing.assert_allclose(u_ours['w'], u_ref['w'], rtol=rtol, atol=rtol * 1e-2)
+  # Absolute tolerance on the scale of the update: the float32 reconstruction
+  # of v is exact only up to rounding relative to its largest entries, which
+  # the division amplifies where v is small.
+  np.testing.assert_allclose(
+      u_ours['w'], u_ref['w'], rtol=rtol, atol=rtol * float(np.max(np.abs(u_ref['w']))))
   # With full-rank g2 the step-2 moments are not rank 4, so their compression
   # is not exact; the comparison above is only about the update.
   assert not np.allclose(mlorc.reconstruct(s_ours.inner_state.mu['w']), s_ref.mu['w'], atol=1e-6)

@@ -193,7 +193,10 @@ def test_orthonormalize_resolves_a_condition_number_near_one_over_eps(rows):
   np.testing.assert_allclose(q.T @ q, np.eye(5), atol=1e-5)
   exact, _ = np.linalg.qr(np.asarray(y, np.float64))
   # Same subspace: the projection of the exact basis onto q keeps its norm.
-  np.testing.assert_allclose(np.linalg.svd(q.T @ exact, compute_uv=False), np.ones(5), atol=1e-3)
+  # In float32 the smallest direction's angle is only resolved to about
+  # eps * cond = 0.06 (cosine 0.998; how close depends on the CPU's kernels),
+  # a lost direction would give a cosine near 0.
+  np.testing.assert_allclose(np.linalg.svd(q.T @ exact, compute_uv=False), np.ones(5), atol=1e-2)
 
 
 def test_orthonormalize_of_exactly_dependent_columns_has_zero_columns_not_nan():
