@@ -149,6 +149,11 @@ METHODS: dict[str, Method] = {
         mlorc.adamw, dict(rank=4, weight_decay=0.01, residual_correction=1.0), lr='mlorc_adam',
         seeded=True, rank=4,
     ),
+    # Twice the discarded momentum: the sweep's other candidate (residual_study.py).
+    'MLorc-AdamW r4 +res c=2': Method(
+        mlorc.adamw, dict(rank=4, weight_decay=0.01, residual_correction=2.0), lr='mlorc_adam',
+        seeded=True, rank=4,
+    ),
     'MLorc-Lion r4': Method(
         mlorc.lion, dict(rank=4, weight_decay=0.1), lr='mlorc_lion', reference='Lion', seeded=True,
         rank=4,

@@ -89,15 +89,20 @@ def section() -> str:
         'pretrained once and fine-tuned from the same weights by every method; learning rate '
         'picked on a grid of 3 on the validation split (seed 0), then seeds 0-2 at that rate; '
         'held-out (test) loss, mean ± std over the 3 seeds; `vs ref` is the ratio of means to '
-        "AdamW's (Lion's for the Lion variants); r8/r16 use AdamW's chosen rate.", '',
+        "AdamW's (Lion's for the Lion variants); r8/r16 use MLorc-AdamW r4's chosen rate. "
+        '`val` is the validation loss at the chosen rate (mean over the seeds; the split the rate '
+        'was picked on, so not held out) and `val vs ref` its ratio.', '',
     ]
     for task, stored in r['tasks'].items():
       if not stored.get('summary'):
         continue
+      val_of = {x['method']: x['val_mean'] for x in stored['summary']}
       rows = [dict(
           method=x['method'], lr=f"{x['lr']:.2g}" + (' (edge)' if x['lr_at_grid_edge'] else ''),
           test_loss=f"{x['test_mean']:.4f} ± {x['test_std']:.4f}",
           vs_ref=f"{x['ratio']:.3f}" if x['ratio'] else '',
+          val=f"{x['val_mean']:.4f}",
+          val_vs_ref=f"{x['val_mean'] / val_of[x['reference']]:.3f}" if x['reference'] in val_of else '',
           state_KiB=f"{x['state_bytes'] / 1024:.1f}",
           **({'test_accuracy': f"{x['test_accuracy_mean']:.3f}"} if 'test_accuracy_mean' in x else {}),
       ) for x in stored['summary']]
