@@ -164,6 +164,15 @@ METHODS: dict[str, Method] = {
         mlorc.lion, dict(rank=4, weight_decay=0.1, warm_start=True),
         lr='mlorc_lion', reference='Lion', seeded=True, rank=4,
     ),
+    # A shorter Lion momentum (b2 0.99 -> 0.95) loses less to truncation; its
+    # full-state twin is the fair reference.
+    'Lion b2=0.95': Method(
+        optax.lion, dict(b2=0.95, weight_decay=0.1), lr='lion', reference='Lion b2=0.95'
+    ),
+    'MLorc-Lion r4 b2=0.95': Method(
+        mlorc.lion, dict(b2=0.95, rank=4, weight_decay=0.1), lr='mlorc_lion',
+        reference='Lion b2=0.95', seeded=True, rank=4,
+    ),
     # The frontier: higher ranks at MLorc-AdamW r4's chosen rate, no grid of their own.
     'MLorc-AdamW r8': Method(
         mlorc.adamw, dict(rank=8, weight_decay=0.01), grid=(), lr_from='MLorc-AdamW r4', seeded=True, rank=8
