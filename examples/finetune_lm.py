@@ -245,15 +245,22 @@ def optimizers(steps):
 
 
 def family_optimizers(steps):
-  """The rest of the MLorc family at rank 4 beside its full-state versions."""
+  """The rest of the MLorc family at rank 4 beside its full-state versions
+  (ADOPT and Prodigy also with residual correction)."""
   schedule = _schedule(steps)
   return {
       'ADOPT (full)': lambda: optax.contrib.adopt(schedule(1e-3)),
       'MLorc-ADOPT r4': lambda: mlorc.adopt(schedule(1e-3), rank=RANK),
+      'MLorc-ADOPT r4 + residual correction': lambda: mlorc.adopt(
+          schedule(1e-3), rank=RANK, residual_correction=ADAMW_RESIDUAL_CORRECTION
+      ),
       'CAME (full)': lambda: mlorc.came(schedule(1e-3), compress=False),
       'MLorc-CAME r4': lambda: mlorc.came(schedule(1e-3), rank=RANK),
       'Prodigy (full)': lambda: mlorc.prodigy(schedule(1.0), s_stride=1, compress=False),
       'MLorc-Prodigy r4': lambda: mlorc.prodigy(schedule(1.0), rank=RANK),
+      'MLorc-Prodigy r4 + residual correction': lambda: mlorc.prodigy(
+          schedule(1.0), rank=RANK, residual_correction=ADAMW_RESIDUAL_CORRECTION
+      ),
       'D-Adapt Lion (full)': lambda: mlorc.dadapt_lion(schedule(1.0), s_stride=1, compress=False),
       'MLorc-D-Adapt Lion r4': lambda: mlorc.dadapt_lion(schedule(1.0), rank=RANK),
       'MoFaSGD r4': lambda: mlorc.mofasgd(schedule(1e-2), rank=RANK, adam_learning_rate=schedule(1e-3)),
@@ -268,7 +275,7 @@ def reference_of(name: str, family: bool) -> str:
   """
   if not family:
     return 'AdamW (full)'
-  return name.removeprefix('MLorc-').removesuffix(f' r{RANK}') + ' (full)'
+  return name.removeprefix('MLorc-').split(f' r{RANK}')[0] + ' (full)'
 
 
 # --------------------------------------------------------------------------- report

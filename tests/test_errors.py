@@ -108,8 +108,9 @@ def test_zero_and_tiny_gradients_keep_the_state_finite():
 
 
 def test_residual_correction_errors_name_the_argument():
-  with pytest.raises(ValueError, match='residual_correction'):
-    mlorc.adamw(1e-3, residual_correction=-1.0)
+  for make in (mlorc.adamw, mlorc.lion, mlorc.adopt, mlorc.prodigy):
+    with pytest.raises(ValueError, match='residual_correction'):
+      make(1e-3, residual_correction=-1.0)
   tx = mlorc.compress_moments(optax.scale_by_adam(), residual_correction={'m': 1.0})
   with pytest.raises(ValueError, match=r"residual_correction names \['m'\].*\['mu', 'nu'\]"):
     tx.init({'w': jnp.zeros((64, 64))})

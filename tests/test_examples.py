@@ -95,7 +95,8 @@ def test_finetune_family_quick(tmp_path):
   mlorc_row, full_row = rows['MLorc-ADOPT r4'], rows['ADOPT (full)']
   assert mlorc_row['state_MiB'] < 0.5 * full_row['state_MiB']
   assert mlorc_row['held_out_ratio'] == mlorc_row['held_out_loss'] / full_row['held_out_loss']
-  # MoFaSGD has no full-state version to be compared with.
+  # A variant is compared with the same full-state version; MoFaSGD has none.
+  assert finetune_lm.reference_of('MLorc-ADOPT r4 + residual correction', family=True) == 'ADOPT (full)'
   assert finetune_lm.reference_of('MoFaSGD r4', family=True) not in names
   assert (tmp_path / 'finetune_family_quick.png').stat().st_size > 10_000
 

@@ -47,6 +47,25 @@ def mlorc_adam_reference(grads, rank, b1=0.9, b2=0.999, eps=1e-8, fill=_fill, c=
   return updates, m_stored, v_stored
 
 
+def mlorc_adopt_reference(grads, rank, b1=0.9, b2=0.9999, eps=1e-6, c=0.0):
+  """MLorc-ADOPT without clipping (optax.contrib.scale_by_adopt's steps) of
+  one matrix in float64 NumPy, exact truncated SVD: step 1 only sets
+  v = g**2; later steps n = g / max(sqrt(v~), eps), m = b1 m~ + (1 - b1) n,
+  u = m + c b1 / (1 - b1) (m - m~_new), v = b2 v~ + (1 - b2) g**2."""
+  m_stored = v_stored = np.zeros_like(grads[0])
+  updates = []
+  for t, g in enumerate(grads, start=1):
+    v_repaired = np.where(v_stored < 0, _fill(v_stored), v_stored)
+    if t == 1:
+      m, v = m_stored, g * g
+    else:
+      m = b1 * m_stored + (1 - b1) * g / np.maximum(np.sqrt(v_repaired), eps)
+      v = b2 * v_repaired + (1 - b2) * g * g
+    m_stored, v_stored = _truncated(m, rank), _truncated(v, rank)
+    updates.append(m + c * b1 / (1 - b1) * (m - m_stored))
+  return updates, m_stored, v_stored
+
+
 def mlorc_lion_reference(grads, rank, b1=0.9, b2=0.99, c=0.0):
   """MLorc-Lion of one matrix in float64 NumPy (exact truncated SVD), with
   residual correction c: sign(b1 m~ + (1 - b1) g + c b1 / (1 - b2) R)."""
@@ -113,6 +132,53 @@ def test_residual_correction_matches_the_transcription(c):
   assert max(_rel(a, b) for a, b in zip(plain, want)) > 1e-2
 
 
+def test_adopt_residual_correction_matches_the_transcription():
+  rng = np.random.default_rng(11)
+  grads = [rng.standard_normal((20, 12)) for _ in range(5)]
+  # eps of 1e-3 keeps n = g / max(sqrt(v~), eps) well conditioned, so that
+  # the sketch's 1e-7 error stays visible as such.
+  want, want_m, want_v = mlorc_adopt_reference(grads, 3, eps=1e-3, c=1.0)
+  with jax.enable_x64(True):
+    got, got_m, got_v = _mlorc_run(
+        grads, 3, mlorc.scale_by_adopt, oversample=6, power_iters=8, eps=1e-3,
+        use_clipping=False, residual_correction=1.0,
+    )
+  for t, (a, b) in enumerate(zip(got[1:], want[1:]), start=2):
+    assert _rel(a, b) < 1e-5, f'step {t}'
+  assert _rel(got_m, want_m) < 1e-5 and _rel(got_v, want_v) < 1e-5
+  plain, _, _ = mlorc_adopt_reference(grads, 3, eps=1e-3)
+  assert max(_rel(a, b) for a, b in zip(plain[1:], want[1:])) > 1e-2
+
+
+def test_prodigy_residual_correction_changes_the_update_not_the_state():
+  """The sums behind Prodigy's d and the stored factors are the uncorrected
+  step's; only the update moves, and at full rank not even that."""
+  rng = np.random.default_rng(12)
+  params = {'w': rng.standard_normal((20, 12))}
+  grads = [{'w': rng.standard_normal((20, 12))} for _ in range(4)]
+
+  def run(rank, c):
+    tx = mlorc.scale_by_prodigy(
+        rank=rank, compress=True, factor_dtype='float64', s_stride=1, residual_correction=c)
+    state, updates = tx.init(params), []
+    for g in grads:
+      u, state = tx.update(g, state, params)
+      updates.append(np.asarray(u['w']))
+    return updates, state
+
+  with jax.enable_x64(True):
+    params = jax.tree.map(jnp.asarray, params)
+    plain, plain_state = run(3, None)
+    corrected, corrected_state = run(3, 1.0)
+    full_plain, _ = run(12, None)
+    full_corrected, _ = run(12, 1.0)
+  for a, b in zip(jax.tree.leaves(corrected_state), jax.tree.leaves(plain_state)):
+    np.testing.assert_array_equal(a, b)
+  assert max(_rel(a, b) for a, b in zip(corrected[1:], plain[1:])) > 1e-2
+  for a, b in zip(full_corrected, full_plain):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_lion_residual_correction_matches_the_transcription():
   rng = np.random.default_rng(8)
   grads = [rng.standard_normal((20, 12)) for _ in range(5)]
@@ -128,7 +194,7 @@ def test_lion_residual_correction_matches_the_transcription():
     np.testing.assert_array_equal(a, b, err_msg=f'step {t + 1}')
 
 
-@pytest.mark.parametrize('scale_by', [mlorc.scale_by_adam, mlorc.scale_by_lion])
+@pytest.mark.parametrize('scale_by', [mlorc.scale_by_adam, mlorc.scale_by_lion, mlorc.scale_by_adopt])
 def test_residual_correction_is_exact_at_full_rank(scale_by):
   """Nothing is discarded at full rank, so the corrected step is the plain one."""
   rng = np.random.default_rng(9)

@@ -10,6 +10,7 @@ import optax
 from mlorc_optax._src import matrix_view as mv
 from mlorc_optax._src import validation
 from mlorc_optax._src.optimizers.alias import STATIC_ARGS
+from mlorc_optax._src.optimizers.transform import residual_weights
 from mlorc_optax._src.compress_moments import compress_moments
 
 # Under `optax.inject_hyperparams` a callable argument is taken for a schedule,
@@ -81,6 +82,7 @@ def scale_by_adopt(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ADOPT's rescaling with both moments stored as rank-`rank` factors (MLorc-ADOPT).
 
@@ -141,6 +143,10 @@ def scale_by_adopt(
     seed: seed of the random test matrices, one per parameter and step.
     warm_start: start each step's sketch from the previous step's right
       factor (see `randomized_svd`).
+    residual_correction: the fraction c >= 0 of the first moment's
+      compression residual R's future contribution applied to this step's
+      update: the update uses m_t + c b1 / (1 - b1) R (the stored factors are
+      unchanged); see `mlorc.scale_by_adam`. None or 0: the paper's MLorc.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -188,6 +194,7 @@ def scale_by_adopt(
       factor_dtype=factor_dtype,
       seed=seed,
       warm_start=warm_start,
+      residual_correction=residual_weights(residual_correction, b1),
   )
 
 
@@ -210,6 +217,7 @@ def adopt(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MLorc-ADOPT: `optax.contrib.adopt` with both moments stored as rank-`rank` factors.
 
@@ -248,6 +256,8 @@ def adopt(
     factor_dtype: dtype (or its name) of the stored factors.
     seed: seed of the random test matrices.
     warm_start: start each sketch from the previous step's right factor.
+    residual_correction: apply now this fraction of the future contribution
+      of what compressing the first moment discards; see `scale_by_adopt`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -268,7 +278,7 @@ def adopt(
           clip_value_fn=clip_value_fn, atan2=atan2, rank=rank, compress=compress,
           min_dim_size=min_dim_size, oversample=oversample,
           power_iters=power_iters, factor_dtype=factor_dtype, seed=seed,
-          warm_start=warm_start,
+          warm_start=warm_start, residual_correction=residual_correction,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -29,6 +29,7 @@ from mlorc_optax._src import validation
 from mlorc_optax._src.optimizers.alias import STATIC_ARGS
 from mlorc_optax._src.compress_moments import compress_moments
 from mlorc_optax._src.optimizers.d_adaptation import check_positive, resolve_s_stride, strided
+from mlorc_optax._src.optimizers.transform import residual_weights
 from mlorc_optax._src.leafwise import LeafwiseTransformation
 
 # Under optax.inject_hyperparams, `s_stride` (an int that fixes a shape) must
@@ -209,6 +210,7 @@ def scale_by_prodigy(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Prodigy with its moments stored as rank-`rank` factors (MLorc-Prodigy).
 
@@ -290,6 +292,10 @@ def scale_by_prodigy(
     factor_dtype: dtype (or its name) of the stored factors.
     seed: seed of the random test matrices.
     warm_start: start each sketch from the previous step's right factor.
+    residual_correction: the fraction c >= 0 of the first moment's
+      compression residual R's future contribution applied to this step's
+      update: the update uses m_t + c b1 / (1 - b1) R (the stored factors and
+      the sums behind d are the uncorrected step's); see `mlorc.scale_by_adam`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; apply its updates with
@@ -312,6 +318,7 @@ def scale_by_prodigy(
   return compress_moments(
       lw, rank, compress=compress, min_dim_size=min_dim_size, oversample=oversample,
       power_iters=power_iters, factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
+      residual_correction=residual_weights(residual_correction, betas[0], 'exp_avg'),
   )
 
 
@@ -335,6 +342,7 @@ def prodigy(
     factor_dtype: Any = 'float32',
     seed: int = 0,
     warm_start: bool = False,
+    residual_correction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MLorc-Prodigy: `optax.contrib.prodigy` with rank-`rank` moments.
 
@@ -376,6 +384,8 @@ def prodigy(
     factor_dtype: dtype (or its name) of the stored factors.
     seed: seed of the random test matrices.
     warm_start: start each sketch from the previous step's right factor.
+    residual_correction: apply now this fraction of the future contribution
+      of what compressing the first moment discards; see `scale_by_prodigy`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; apply its updates with
@@ -394,4 +404,5 @@ def prodigy(
       safeguard_warmup, s_stride=s_stride, params0_dtype=params0_dtype, rank=rank, compress=compress,
       min_dim_size=min_dim_size, oversample=oversample, power_iters=power_iters,
       factor_dtype=factor_dtype, seed=seed, warm_start=warm_start,
+      residual_correction=residual_correction,
   )

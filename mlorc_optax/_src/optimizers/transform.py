@@ -22,14 +22,15 @@ from mlorc_optax._src.compress_moments import compress_moments
 _LION_POWER_ITERS = 0
 
 
-def _residual_weights(c, decay) -> dict[str, Any] | None:
-  """`compress_moments`'s residual_correction for a first moment of this
-  decay: applying c of R's future weight decay / (1 - decay) now is the same
-  as adding c / (1 - decay) R to the stored moment before the step."""
+def residual_weights(c, decay, moment: str = 'mu') -> dict[str, Any] | None:
+  """`compress_moments`'s residual_correction for a heavy-ball first moment
+  (m = decay M~ + ...) named `moment`: applying c of R's future weight
+  decay / (1 - decay) now is the same as adding c / (1 - decay) R to the
+  stored moment before the step."""
   if c is None or validation.is_concrete_zero(c):
     return None
   validation.check_non_negative('residual_correction', c)
-  return {'mu': c / (1 - decay)}
+  return {moment: c / (1 - decay)}
 
 
 def _check_betas(b1, b2) -> None:
@@ -155,7 +156,7 @@ def scale_by_adam(
       factor_dtype=factor_dtype,
       seed=seed,
       warm_start=warm_start,
-      residual_correction=_residual_weights(residual_correction, b1),
+      residual_correction=residual_weights(residual_correction, b1),
   )
 
 
@@ -248,5 +249,5 @@ def scale_by_lion(
       factor_dtype=factor_dtype,
       seed=seed,
       warm_start=warm_start,
-      residual_correction=_residual_weights(residual_correction, b2),
+      residual_correction=residual_weights(residual_correction, b2),
   )
