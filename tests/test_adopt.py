@@ -134,7 +134,7 @@ def test_signature_follows_optax_then_keyword_only_mlorc_options():
     extra = ours_params[len(inspect.signature(theirs).parameters):]
     assert [p.name for p in extra] == [
         'atan2', 'rank', 'compress', 'min_dim_size', 'oversample', 'power_iters',
-        'factor_dtype', 'seed', 'warm_start',
+        'factor_dtype', 'seed', 'warm_start', 'residual_correction',
     ]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
 

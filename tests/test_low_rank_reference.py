@@ -6,6 +6,7 @@ of the whole reconstruction; warm start against a cold sketch; the atan2
 option (Adam-atan2) against its NumPy transcription.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,31 +153,26 @@ def test_adopt_residual_correction_matches_the_transcription():
 
 def test_prodigy_residual_correction_changes_the_update_not_the_state():
   """The sums behind Prodigy's d and the stored factors are the uncorrected
-  step's; only the update moves, and at full rank not even that."""
+  step's; only the update moves."""
   rng = np.random.default_rng(12)
   params = {'w': rng.standard_normal((20, 12))}
-  grads = [{'w': rng.standard_normal((20, 12))} for _ in range(4)]
+  grads = [{'w': rng.standard_normal((20, 12))} for _ in range(3)]
 
-  def run(rank, c):
+  def run(c):
     tx = mlorc.scale_by_prodigy(
-        rank=rank, compress=True, factor_dtype='float64', s_stride=1, residual_correction=c)
-    state, updates = tx.init(params), []
+        rank=3, compress=True, factor_dtype='float64', s_stride=1, residual_correction=c)
+    state, updates, update = tx.init(params), [], jax.jit(tx.update)
     for g in grads:
-      u, state = tx.update(g, state, params)
+      u, state = update(g, state, params)
       updates.append(np.asarray(u['w']))
     return updates, state
 
   with jax.enable_x64(True):
     params = jax.tree.map(jnp.asarray, params)
-    plain, plain_state = run(3, None)
-    corrected, corrected_state = run(3, 1.0)
-    full_plain, _ = run(12, None)
-    full_corrected, _ = run(12, 1.0)
-  for a, b in zip(jax.tree.leaves(corrected_state), jax.tree.leaves(plain_state)):
-    np.testing.assert_array_equal(a, b)
+    plain, plain_state = run(None)
+    corrected, corrected_state = run(1.0)
+  chex.assert_trees_all_close(corrected_state, plain_state, rtol=1e-12, atol=1e-15)
   assert max(_rel(a, b) for a, b in zip(corrected[1:], plain[1:])) > 1e-2
-  for a, b in zip(full_corrected, full_plain):
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_lion_residual_correction_matches_the_transcription():
