@@ -549,6 +549,7 @@ def summarize(task_runs, base: dict[str, float], methods: dict[str, Method], see
   for row in rows.values():
     ref = rows.get(row['reference'])
     row['ratio'] = row['test_mean'] / ref['test_mean'] if ref else None
+    row['val_ratio'] = row['val_mean'] / ref['val_mean'] if ref else None
   return list(rows.values())
 
 

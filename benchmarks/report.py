@@ -96,13 +96,12 @@ def section() -> str:
     for task, stored in r['tasks'].items():
       if not stored.get('summary'):
         continue
-      val_of = {x['method']: x['val_mean'] for x in stored['summary']}
       rows = [dict(
           method=x['method'], lr=f"{x['lr']:.2g}" + (' (edge)' if x['lr_at_grid_edge'] else ''),
           test_loss=f"{x['test_mean']:.4f} ± {x['test_std']:.4f}",
           vs_ref=f"{x['ratio']:.3f}" if x['ratio'] else '',
           val=f"{x['val_mean']:.4f}",
-          val_vs_ref=f"{x['val_mean'] / val_of[x['reference']]:.3f}" if x['reference'] in val_of else '',
+          val_vs_ref=f"{x['val_ratio']:.3f}" if x['val_ratio'] else '',
           state_KiB=f"{x['state_bytes'] / 1024:.1f}",
           **({'test_accuracy': f"{x['test_accuracy_mean']:.3f}"} if 'test_accuracy_mean' in x else {}),
       ) for x in stored['summary']]
